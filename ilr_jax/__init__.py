@@ -1,0 +1,1 @@
+"""ilr_jax: Iterative Label Refinement and SFT+DPO under weak supervision, in JAX/Flax NNX."""
