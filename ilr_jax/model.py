@@ -1,0 +1,474 @@
+"""One Flax NNX decoder for the Gemma 1, Mistral and Llama 2/3 families.
+
+Axis letters, used in einsum strings and shape suffixes everywhere in ilr_jax:
+  B batch, T query length, S key length (cache slots), L layers, N query heads, K kv heads,
+  G query heads per kv head (N // K), H head dim, D model dim, F MLP hidden dim, V vocab,
+  C score-head classes, R LoRA rank.
+
+Families differ only in `ModelConfig` fields: Gemma uses GeGLU (tanh GeLU), (1 + w) RMSNorm, a
+sqrt(D) embedding scale, tied embeddings and multi-query attention with a head dim independent of
+D; Mistral adds sliding-window attention; Llama 3 adds rope scaling. The layers' parameters are
+stacked along a leading L axis so the stack runs as one `lax.scan` (or unrolled, by config); the
+parameter layout is the same either way, so checkpoints do not depend on that choice.
+
+A model is used in two ways:
+  * training / scoring: `model(tokens_BT, mask_BT)` over a padded batch (left or right padding);
+    positions come from the padding, so a row's result does not depend on its padding.
+  * decoding: `model.decode(tokens_BT, positions_BT, cache, cache_index, kv_mask_BS)` with an
+    explicit KV cache (`init_cache`): a prefill writes the prompt at slot 0, then one token at a
+    time. Cache in, cache out; no mutable collections.
+
+With `num_labels` set, the LM head is replaced by a C-class score head read at the last real token,
+as transformers' `*ForSequenceClassification` does (the evaluator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+ARCHS = ('gemma', 'mistral', 'llama')
+# LoRA may target these linear layers; 'all' in a config means all of them (the paper's choice).
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3 ('llama3' rope_type) frequency scaling."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a decoder. Hashable, so it can be a static jit argument."""
+
+  arch: str
+  vocab_size: int
+  hidden_size: int  # D
+  intermediate_size: int  # F
+  num_layers: int  # L
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
+  activation: str = 'silu'  # 'silu' (SwiGLU) or 'gelu_tanh' (GeGLU)
+  norm_eps: float = 1e-6
+  norm_offset: bool = False  # Gemma's RMSNorm multiplies by (1 + w)
+  embed_scale: bool = False  # Gemma scales embeddings by sqrt(D)
+  tie_embeddings: bool = False
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  sliding_window: int | None = None
+  max_position_embeddings: int = 8192
+  bos_token_id: int | None = 1
+  eos_token_ids: tuple[int, ...] = (2,)
+  pad_token_id: int | None = None
+  num_labels: int | None = None  # set: score head instead of LM head
+  param_dtype: str = 'float32'
+  dtype: str = 'float32'  # compute dtype; logits and softmax are always float32
+  remat: str = 'none'  # 'none', 'full' (recompute each layer), 'dots' (save matmul outputs)
+  scan_layers: bool = True
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
+
+  def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise ValueError(f'unsupported arch {self.arch!r}; expected one of {ARCHS}')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f'num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}'
+      )
+    if self.activation not in ('silu', 'gelu_tanh'):
+      raise ValueError(f'unsupported activation {self.activation!r}')
+    if self.remat not in ('none', 'full', 'dots'):
+      raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    for name in ('param_dtype', 'dtype'):
+      if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(
+          f'{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}'
+        )
+    bad = set(self.lora_targets) - set(LORA_TARGETS)
+    if bad:
+      raise ValueError(f'unknown LoRA targets {sorted(bad)}; expected a subset of {LORA_TARGETS}')
+    if self.lora_rank < 0:
+      raise ValueError(f'lora_rank must be >= 0, got {self.lora_rank}')
+
+  def replace(self, **kwargs) -> ModelConfig:
+    return dataclasses.replace(self, **kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f'unknown ModelConfig fields {sorted(unknown)}')
+    if d.get('rope_scaling') is not None:
+      d['rope_scaling'] = RopeScaling(**d['rope_scaling'])
+    for key in ('eos_token_ids', 'lora_targets'):
+      if key in d:
+        d[key] = tuple(d[key])
+    return cls(**d)
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+
+def _param(value: Array, names: tuple[str | None, ...], kind=nnx.Param) -> nnx.Variable:
+  # Sharding is applied in one place (sharding.py) from these logical names, not eagerly here.
+  return kind(value, sharding_names=names, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """A dense map from trailing axes `in_shape` to `out_shape`, optionally with a LoRA adapter.
+
+  The kernel has shape (L?,) + in_shape + out_shape, so attention projections keep their head
+  structure (D -> N x H) and need no reshapes. With `stack` set, every parameter carries a leading
+  L axis (the layer stack); the module is then only called on one layer's slice.
+  """
+
+  def __init__(
+    self,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    *,
+    cfg: ModelConfig,
+    rngs: nnx.Rngs,
+    stack: int | None = None,
+    lora: bool = False,
+  ):
+    self.num_in = len(in_shape)
+    self.dtype = jnp.dtype(cfg.dtype)
+    lead, lead_axes = ((stack,), ('layers',)) if stack else ((), ())
+    shape = lead + in_shape + out_shape
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    kernel = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    self.kernel = _param(kernel.astype(param_dtype), lead_axes + axes)
+    lora_a = lora_b = None
+    if lora and cfg.lora_rank:
+      r = cfg.lora_rank
+      fan_in = math.prod(in_shape)
+      # A ~ kaiming-uniform (as PEFT), B = 0: a fresh adapter leaves the base model's outputs.
+      bound = math.sqrt(3.0 / fan_in)
+      a = jax.random.uniform(rngs.params(), lead + in_shape + (r,), jnp.float32, -bound, bound)
+      in_axes, out_axes = axes[: self.num_in], axes[self.num_in :]
+      lora_a = _param(a.astype(param_dtype), lead_axes + in_axes + (None,), nnx.LoRAParam)
+      lora_b = _param(
+        jnp.zeros(lead + (r,) + out_shape, param_dtype),
+        lead_axes + (None,) + out_axes,
+        nnx.LoRAParam,
+      )
+    self.lora_a = nnx.data(lora_a)
+    self.lora_b = nnx.data(lora_b)
+    self.lora_scale = cfg.lora_scale
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(self.dtype)
+    y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=self.num_in)
+    if self.lora_a is not None:
+      h = jnp.tensordot(x, self.lora_a[...].astype(self.dtype), axes=self.num_in)
+      y = y + self.lora_scale * jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32; Gemma's variant multiplies by (1 + w) with w initialised at 0."""
+
+  def __init__(self, dim: int, *, cfg: ModelConfig, stack: int | None = None):
+    lead, lead_axes = ((stack,), ('layers',)) if stack else ((), ())
+    init = jnp.zeros if cfg.norm_offset else jnp.ones
+    self.scale = _param(init(lead + (dim,), jnp.dtype(cfg.param_dtype)), lead_axes + ('norm',))
+    self.eps = cfg.norm_eps
+    self.offset = 1.0 if cfg.norm_offset else 0.0
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] in float32, with Llama 3 scaling when configured."""
+  h = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
+  sc = cfg.rope_scaling
+  if sc is None:
+    return inv_freq.astype(np.float32)
+  low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+  high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+  smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+    sc.high_freq_factor - sc.low_freq_factor
+  )
+  smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTnH: Array, positions_BT: Array, inv_freq: np.ndarray) -> Array:
+  """Rotary embedding in the rotate-half layout that Hugging Face checkpoints use."""
+  angles = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # B T H/2
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x = x_BTnH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BTnH.dtype)
+
+
+def attention_mask(
+  q_slot_T: Array,
+  k_slot_S: Array,
+  q_pos_BT: Array,
+  k_pos_BS: Array,
+  k_valid_BS: Array,
+  sliding_window: int | None,
+) -> Array:
+  """[B, T, S] boolean mask: causal by cache slot, valid keys only, optional sliding window.
+
+  The window is measured in positions (not slots), so it ignores padding.
+  """
+  mask = (k_slot_S[None, None, :] <= q_slot_T[None, :, None]) & k_valid_BS[:, None, :]
+  if sliding_window is not None:
+    mask &= (q_pos_BT[:, :, None] - k_pos_BS[:, None, :]) < sliding_window
+  return mask
+
+
+def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Array:
+  """Grouped-query attention (K kv heads shared by G = N // K query heads), float32 softmax."""
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  logits = logits * (h**-0.5)
+  logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v_BSKH)
+  return out.reshape(b, t, n, h)
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer; its parameters hold all L layers (leading axis), see Linear."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f, n, k, h, L = (
+      cfg.hidden_size,
+      cfg.intermediate_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.num_layers,
+    )
+    lin = functools.partial(Linear, cfg=cfg, rngs=rngs, stack=L)
+    lora = set(cfg.lora_targets)
+    self.attn_norm = RMSNorm(d, cfg=cfg, stack=L)
+    self.q = lin((d,), (n, h), ('embed', 'q_heads', 'head_dim'), lora='q' in lora)
+    self.k = lin((d,), (k, h), ('embed', 'kv_heads', 'head_dim'), lora='k' in lora)
+    self.v = lin((d,), (k, h), ('embed', 'kv_heads', 'head_dim'), lora='v' in lora)
+    self.o = lin((n, h), (d,), ('q_heads', 'head_dim', 'embed'), lora='o' in lora)
+    self.mlp_norm = RMSNorm(d, cfg=cfg, stack=L)
+    self.gate = lin((d,), (f,), ('embed', 'mlp'), lora='gate' in lora)
+    self.up = lin((d,), (f,), ('embed', 'mlp'), lora='up' in lora)
+    self.down = lin((f,), (d,), ('mlp', 'embed'), lora='down' in lora)
+    self.activation = cfg.activation
+    self.sliding_window = cfg.sliding_window
+
+  def __call__(self, x_BTD, q_pos_BT, mask_BTS, inv_freq, kv=None, cache_index=None):
+    """One layer. With `kv` (this layer's cache slices) the new keys/values are written into it at
+    `cache_index` and attention runs over the whole cache; returns (x, new kv or None)."""
+    y = self.attn_norm(x_BTD)
+    q = apply_rope(self.q(y), q_pos_BT, inv_freq)
+    k = apply_rope(self.k(y), q_pos_BT, inv_freq)
+    v = self.v(y)
+    if kv is not None:
+      k_cache, v_cache = kv
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      kv = (k, v)
+    x_BTD = x_BTD + self.o(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS))
+    y = self.mlp_norm(x_BTD)
+    gate = self.gate(y)
+    if self.activation == 'silu':
+      gate = jax.nn.silu(gate)
+    else:
+      gate = jax.nn.gelu(gate, approximate=True)
+    x_BTD = x_BTD + self.down(gate * self.up(y))
+    return x_BTD, kv
+
+
+Cache = dict[str, Array]  # {'k': [L, B, S, K, H], 'v': [L, B, S, K, H]}
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+  """An empty KV cache of `max_len` slots for `batch` rows."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dt = jnp.dtype(dtype or cfg.dtype)
+  return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
+
+
+def positions_from_mask(mask_BT: Array) -> Array:
+  """Positions 0, 1, ... over a row's real tokens (left or right padding); 0 on padding."""
+  return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def last_token_index(mask_BT: Array) -> Array:
+  """Index of each row's last real token (rightmost mask entry), as HF's classification heads."""
+  t = jnp.arange(mask_BT.shape[-1])
+  return jnp.max(jnp.where(mask_BT.astype(bool), t, 0), axis=-1)
+
+
+class Decoder(nnx.Module):
+  """The decoder: embedding, L stacked blocks, final norm, and an LM head or a score head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    emb = 0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+    self.embedding = _param(emb.astype(jnp.dtype(cfg.param_dtype)), ('vocab', 'embed'))
+    self.layers = Block(cfg, rngs=rngs)
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg=cfg)
+    lm_head = score_head = None
+    if cfg.num_labels:
+      score_head = Linear(
+        (cfg.hidden_size,), (cfg.num_labels,), ('embed', None), cfg=cfg, rngs=rngs
+      )
+    elif not cfg.tie_embeddings:
+      lm_head = Linear(
+        (cfg.hidden_size,), (cfg.vocab_size,), ('embed', 'vocab'), cfg=cfg, rngs=rngs
+      )
+    self.lm_head = nnx.data(lm_head)
+    self.score_head = nnx.data(score_head)
+
+  # -- the shared trunk -------------------------------------------------------------------------
+
+  def _embed(self, tokens_BT: Array) -> Array:
+    dtype = jnp.dtype(self.cfg.dtype)
+    x = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(dtype)
+    if self.cfg.embed_scale:
+      # Gemma rounds sqrt(D) to the compute dtype before scaling (as transformers does).
+      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), dtype)
+    return x
+
+  def _run_layers(self, x, q_pos_BT, mask_BTS, cache=None, cache_index=None):
+    cfg = self.cfg
+    inv_freq = rope_frequencies(cfg)
+    graphdef, stacked = nnx.split(self.layers)
+
+    def layer(x, layer_state, kv):
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, q_pos_BT, mask_BTS, inv_freq, kv, cache_index)
+
+    if cfg.remat != 'none':
+      policy = None
+      if cfg.remat == 'dots':
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+
+    kv_all = None if cache is None else (cache['k'], cache['v'])
+    if cfg.scan_layers:
+
+      def body(x, xs):
+        layer_state, kv = xs
+        return layer(x, layer_state, kv)
+
+      x, kv_all = jax.lax.scan(body, x, (stacked, kv_all))
+    else:
+      new_kv = []
+      for i in range(cfg.num_layers):
+        layer_state = jax.tree.map(lambda p, i=i: p[i], stacked)
+        kv = None if kv_all is None else (kv_all[0][i], kv_all[1][i])
+        x, kv = layer(x, layer_state, kv)
+        new_kv.append(kv)
+      if kv_all is not None:
+        kv_all = (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
+    new_cache = None if cache is None else {'k': kv_all[0], 'v': kv_all[1]}
+    return self.final_norm(x), new_cache
+
+  # -- public API -------------------------------------------------------------------------------
+
+  def hidden(
+    self, tokens_BT: Array, mask_BT: Array | None = None, positions_BT: Array | None = None
+  ) -> Array:
+    """Final-norm hidden states [B, T, D] of a padded batch (no cache)."""
+    b, t = tokens_BT.shape
+    if mask_BT is None:
+      mask_BT = jnp.ones((b, t), jnp.int32)
+    if positions_BT is None:
+      positions_BT = positions_from_mask(mask_BT)
+    slots = jnp.arange(t)
+    mask_BTS = attention_mask(
+      slots, slots, positions_BT, positions_BT, mask_BT.astype(bool), self.cfg.sliding_window
+    )
+    h, _ = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS)
+    return h
+
+  def logits(self, h: Array) -> Array:
+    """LM logits (float32) for hidden states of any leading shape [..., D] -> [..., V]."""
+    if self.cfg.num_labels:
+      raise ValueError('this model has a score head, not an LM head; use score()')
+    if self.lm_head is None:
+      kernel = self.embedding[...].astype(h.dtype)
+      return jnp.einsum('...D,VD->...V', h, kernel, preferred_element_type=jnp.float32)
+    return self.lm_head(h).astype(jnp.float32)
+
+  def __call__(
+    self, tokens_BT: Array, mask_BT: Array | None = None, positions_BT: Array | None = None
+  ) -> Array:
+    """Logits [B, T, V] in float32 (LM head) or [B, C] (score head, at the last real token)."""
+    if self.cfg.num_labels:
+      return self.score(tokens_BT, mask_BT)
+    return self.logits(self.hidden(tokens_BT, mask_BT, positions_BT))
+
+  def score(self, tokens_BT: Array, mask_BT: Array | None = None) -> Array:
+    """Score-head logits [B, C] (float32) read at each row's last real token."""
+    if not self.cfg.num_labels:
+      raise ValueError('this model has an LM head, not a score head (set num_labels)')
+    if mask_BT is None:
+      mask_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    h_BTD = self.hidden(tokens_BT, mask_BT)
+    last = last_token_index(mask_BT)
+    h_BD = jnp.take_along_axis(h_BTD, last[:, None, None], axis=1)[:, 0]
+    return self.score_head(h_BD).astype(jnp.float32)
+
+  def decode(
+    self, tokens_BT: Array, positions_BT: Array, cache: Cache, cache_index: Array, kv_mask_BS: Array
+  ) -> tuple[Array, Cache]:
+    """Run T new tokens against the cache; returns (logits [B, T, V] float32, new cache).
+
+    The new keys/values are written at slots [cache_index, cache_index + T). `kv_mask_BS` marks the
+    valid slots, the new ones included; key positions are the running count of valid slots, so
+    a prompt must occupy a prefix of slots with its padding before it (left padding).
+    """
+    t = tokens_BT.shape[1]
+    s = cache['k'].shape[2]
+    q_slot = cache_index + jnp.arange(t)
+    k_pos = positions_from_mask(kv_mask_BS)
+    mask_BTS = attention_mask(
+      q_slot, jnp.arange(s), positions_BT, k_pos, kv_mask_BS.astype(bool), self.cfg.sliding_window
+    )
+    h, cache = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS, cache, cache_index)
+    return self.logits(h), cache
+
+
+def num_params(state: Any) -> int:
+  """Total number of parameters in a state (or abstract state) pytree."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
