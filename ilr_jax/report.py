@@ -1,0 +1,204 @@
+"""Results of a pipeline run: results.jsonl, the report.md table, accuracy.png, TensorBoard scalars.
+
+One result row per (seed, method, round), a flat JSON object:
+  seed, method, round            which run ('sft', 'ilr', 'naive', 'dpo', 'orailr', ... ; round 0
+                                 is the SFT model on D0 for every method)
+  test_accuracy                  the round's model on the test split (beam search)
+  label_accuracy                 accuracy of the round's label set D_r (ILR-type methods; the weak
+                                 labels D0 at round 0), None where there is no label set
+  num_labels, num_replaced, num_agreed, num_disagreed, threshold   ILR / naive refinement counts
+  evaluator_accuracy             the evaluator's accuracy on its validation comparisons
+  dpo_pairs, dpo_pair_accuracy, dpo_reward_margin, dpo_reward_accuracy   SFT+DPO rounds
+  wall_s                         {stage name: seconds} of the stages that made this row
+
+`aggregate` turns rows of several seeds into mean and standard deviation per (method, round).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ilr_jax import workdir as wdlib
+
+TABLE_COLUMNS = (
+  ('method', 'method'),
+  ('round', 'round'),
+  ('test_accuracy', 'test acc'),
+  ('label_accuracy', 'label acc'),
+  ('num_replaced', 'replaced'),
+  ('num_agreed', 'agreed'),
+  ('evaluator_accuracy', 'evaluator acc'),
+  ('dpo_pairs', 'DPO pairs'),
+  ('dpo_pair_accuracy', 'DPO pair acc'),
+  ('dpo_reward_margin', 'DPO margin'),
+)
+ILR_METHODS = ('ilr', 'naive', 'orailr', 'cororailr')
+
+
+def write_results(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+  """results.jsonl: one JSON object per row, written atomically."""
+  text = ''.join(json.dumps(wdlib._jsonable(dict(r)), sort_keys=True) + '\n' for r in rows)
+  wdlib.write_text(path, text)
+
+
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+
+
+def _num(x: Any) -> float:
+  return float('nan') if x is None else float(x)
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Mean and spread over seeds: one row per (method, round) with `<field>` the mean,
+  `<field>_std` the population standard deviation and `<field>_n` the number of seeds it has.
+
+  Numeric fields only; fields missing or None in a seed's row are left out of that field's stats.
+  """
+  groups: dict[tuple[str, int], list[Mapping[str, Any]]] = collections.defaultdict(list)
+  for r in rows:
+    groups[(r['method'], int(r['round']))].append(r)
+  out = []
+  for (method, rnd), rs in groups.items():
+    agg: dict[str, Any] = {'method': method, 'round': rnd, 'seeds': sorted(r['seed'] for r in rs)}
+    fields = {
+      k
+      for r in rs
+      for k, v in r.items()
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ('seed', 'round')
+    }
+    for k in sorted(fields):
+      vals = np.array([_num(r.get(k)) for r in rs], dtype=float)
+      vals = vals[~np.isnan(vals)]
+      if vals.size:
+        agg[k], agg[f'{k}_std'], agg[f'{k}_n'] = float(vals.mean()), float(vals.std()), vals.size
+    out.append(agg)
+  return _sorted(out)
+
+
+METHOD_ORDER = ('sft', 'ilr', 'naive', 'dpo', 'orailr', 'oradpo', 'cororailr', 'cororadpo')
+
+
+def _sorted(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  order = {m: i for i, m in enumerate(METHOD_ORDER)}
+  return sorted(
+    (dict(r) for r in rows),
+    key=lambda r: (order.get(r['method'], 99), r['method'], int(r['round']), r.get('seed', 0)),
+  )
+
+
+def _fmt(row: Mapping[str, Any], key: str) -> str:
+  v = row.get(key)
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return ''
+  if isinstance(v, float):
+    std = row.get(f'{key}_std')
+    s = f'{v:.3f}' if abs(v) < 10 else f'{v:.1f}'
+    return f'{s} ± {std:.3f}' if std is not None and row.get(f'{key}_n', 1) > 1 else s
+  return str(v)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """A markdown table of the rows (or of `aggregate`'s rows, shown as mean ± std)."""
+  cols = [
+    (k, h) for k, h in TABLE_COLUMNS if k in ('method', 'round') or any(_fmt(r, k) for r in rows)
+  ]
+  if rows and 'seed' in rows[0] and 'seeds' not in rows[0]:
+    cols.insert(0, ('seed', 'seed'))
+  lines = [
+    '| ' + ' | '.join(h for _, h in cols) + ' |',
+    '|' + '|'.join('---' if k in ('method', 'seed') else '---:' for k, _ in cols) + '|',
+  ]
+  for r in rows:
+    lines.append('| ' + ' | '.join(_fmt(r, k) for k, _ in cols) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_accuracy(
+  rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = ''
+) -> None:
+  """The paper's figures: test accuracy per round per method (left) and, for ILR-type methods,
+  label accuracy per round (right). Rows of several seeds are shown as mean with std error bars."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  agg = aggregate([dict(r, seed=r.get('seed', 0)) for r in rows])
+  fig, (ax_test, ax_label) = plt.subplots(1, 2, figsize=(11, 4.2))
+  methods = list(dict.fromkeys(r['method'] for r in agg))  # aggregate's order: sft, ilr, ...
+  for method in methods:
+    rs = [r for r in agg if r['method'] == method]
+    for ax, key in ((ax_test, 'test_accuracy'), (ax_label, 'label_accuracy')):
+      if key == 'label_accuracy' and method not in ILR_METHODS:
+        continue
+      pts = [(r['round'], r[key], r.get(f'{key}_std', 0.0)) for r in rs if key in r]
+      if not pts:
+        continue
+      x, y, e = map(np.array, zip(*sorted(pts)))
+      marker = 'o' if len(x) > 1 else 's'
+      ax.errorbar(x, y, yerr=e, marker=marker, capsize=3, label=method)
+  ax_test.set(title='test accuracy', xlabel='round', ylabel='accuracy')
+  ax_label.set(title='label accuracy (ILR)', xlabel='round', ylabel='accuracy of D_r')
+  for ax in (ax_test, ax_label):
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.stem + '.tmp' + path.suffix)
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def write_tensorboard(log_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+  """Scalars `<method>/<field>` at step = round, one run folder per seed."""
+  from tensorboardX import SummaryWriter
+
+  by_seed = collections.defaultdict(list)
+  for r in rows:
+    by_seed[r.get('seed', 0)].append(r)
+  for seed, rs in by_seed.items():
+    with SummaryWriter(os.fspath(pathlib.Path(log_dir) / f'seed_{seed}')) as w:
+      for r in rs:
+        for k, v in r.items():
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ('seed', 'round'):
+            w.add_scalar(f'{r["method"]}/{k}', float(v), int(r['round']))
+
+
+def write_report(
+  out_dir: str | os.PathLike,
+  rows: Sequence[Mapping[str, Any]],
+  title: str = 'ILR vs SFT+DPO',
+  notes: str = '',
+) -> str:
+  """results.jsonl, report.md (per-seed table, and mean ± std when several seeds), accuracy.png
+  and tb/ under `out_dir`. Returns the table text that was printed into report.md."""
+  out = pathlib.Path(out_dir)
+  rows = _sorted(rows)
+  write_results(out / 'results.jsonl', rows)
+  seeds = sorted({r.get('seed', 0) for r in rows})
+  table = format_table(aggregate(rows)) if len(seeds) > 1 else format_table(rows)
+  parts = [f'# {title}\n']
+  if notes:
+    parts.append(notes.strip() + '\n')
+  if len(seeds) > 1:
+    parts.append(f'Mean ± standard deviation over seeds {seeds}.\n')
+  parts += [table, '\n![accuracy per round](accuracy.png)\n']
+  if len(seeds) > 1:
+    parts += ['\n## Per seed\n\n', format_table(rows)]
+  wdlib.write_text(out / 'report.md', ''.join(p if p.endswith('\n') else p + '\n' for p in parts))
+  plot_accuracy(rows, out / 'accuracy.png', title=title)
+  write_tensorboard(out / 'tb', rows)
+  return table
