@@ -1,0 +1,77 @@
+"""Command line of the pipeline: a config file, a workdir, one call into `pipeline.run`.
+
+  python -m ilr_jax.main --config=configs/arith.py:compare --workdir=/tmp/arith
+  python -m ilr_jax.main --config=configs/gsm8k.py:ilr --workdir=DIR \\
+    --config.supervisor.model_dir=... --config.student.model_dir=... --config.num_rounds=4
+
+Every config value can be overridden with `--config.section.field=value`; an unknown key or a
+value that cannot run is a one-line error (exit status 2) before any work starts. Rerunning a
+command resumes its workdir; a changed config value that a finished stage depends on is refused,
+naming the key, unless `--recompute_changed` is given.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'configs/<task>.py:<method>[,switch...]', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'where every stage writes its outputs')
+_RECOMPUTE = flags.DEFINE_bool(
+  'recompute_changed',
+  False,
+  'recompute the stages whose config values changed (and everything after them) instead of '
+  'refusing to run',
+)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _one_line(err: BaseException) -> str:
+  # Overrides fail deep inside config_flags (a KeyError of a typo, a TypeError of a bad value);
+  # the innermost cause names the key, the outer ones only repeat it.
+  if isinstance(err, flags.Error):
+    return str(err).replace('\n', ' ')
+  err = _innermost(err)
+  return f'{type(err).__name__}: {err}'.replace('\n', ' ')
+
+
+def _innermost(err: BaseException) -> BaseException:
+  while err.__context__ is not None and str(err.__context__):
+    err = err.__context__
+  return err
+
+
+def _parse(argv):
+  from ilr_jax import pipeline
+
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    missing = str(_innermost(e)).strip('\'"')
+    named = [
+      a.split('=')[0] for a in argv if a.startswith('--config.') and missing in a.split('=')[0]
+    ]
+    what = named[0] if named else repr(missing)
+    sys.exit(f'ilr_jax.main: unknown config key {what} (the config is locked; see the config file)')
+  except (flags.Error, pipeline.ConfigError, TypeError, ValueError) as e:
+    sys.exit(f'ilr_jax.main: bad flags or config: {_one_line(e)}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from ilr_jax import pipeline, workdir
+
+  try:
+    pipeline.validate(_CONFIG.value)
+    pipeline.check_workdir(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
+  except (pipeline.ConfigError, workdir.ConfigChangedError) as e:
+    sys.exit(f'ilr_jax.main: {e}')
+  table = pipeline.run(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
+  print(table, flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse)

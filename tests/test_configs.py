@@ -1,0 +1,121 @@
+"""Configs: every task file and method arg loads, overrides work, bad values fail in one line."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from ilr_jax import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TASKS = ('arith', 'gsm8k', 'bird', 'saferpaca')
+
+
+def _get_config(task, arg):
+  spec = importlib.util.spec_from_file_location(f'cfg_{task}', ROOT / 'configs' / f'{task}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('task', TASKS)
+@pytest.mark.parametrize('method', pipeline.METHODS + ('compare',))
+def test_every_method_arg_loads(task, method):
+  c = _get_config(task, method)
+  assert c.task.name == task
+  expected = pipeline.COMPARE_METHODS if method == 'compare' else (method,)
+  assert tuple(c.methods) == expected
+  assert c.ilr.alpha == 0.15 and c.dpo.beta == 0.1 and c.dpo.num_samples == 6
+
+
+def test_paper_model_pairs():
+  g = _get_config('gsm8k', 'ilr')
+  assert (g.supervisor.preset, g.evaluator.preset, g.student.preset) == (
+    'gemma-2b',
+    'gemma-2b',
+    'mistral-7b',
+  )
+  big = _get_config('gsm8k', 'ilr,mistral7b-llama70b')
+  assert (big.supervisor.preset, big.student.preset) == ('mistral-7b', 'llama-3-70b')
+  assert big.sft.optimizer == 'adafactor'
+  assert _get_config('bird', 'dpo').student.preset == 'llama-3-70b'
+  s = _get_config('saferpaca', 'sft')
+  assert s.student.preset == 'mistral-7b' and s.sft.epochs == 4
+  # Required model directories are placeholders, and the evaluator follows the supervisor.
+  assert g.student.model_dir is None
+  g.supervisor.model_dir = '/m/gemma'
+  assert g.evaluator.model_dir == '/m/gemma' and g.supervisor.tokenizer == '/m/gemma'
+
+
+def test_arith_tiny_switch_and_all():
+  full, tiny = _get_config('arith', 'compare'), _get_config('arith', 'compare,tiny')
+  assert tiny.task.num_train < full.task.num_train and tiny.num_rounds < full.num_rounds
+  assert tuple(_get_config('arith', 'compare,all').methods) == pipeline.METHODS
+  with pytest.raises(pipeline.ConfigError, match='unknown config switches'):
+    _get_config('arith', 'compare,huge')
+  with pytest.raises(pipeline.ConfigError, match='unknown method'):
+    _get_config('gsm8k', 'rlhf')
+
+
+def test_validate_one_line_errors(tmp_path):
+  c = _get_config('arith', 'compare,tiny')
+  pipeline.validate(c, num_devices=8)  # the shipped tiny config is valid on the test mesh
+  cases = [
+    ('sft.batch_size', 12, 'sft.batch_size=12 is not divisible'),
+    ('methods', ('ilr', 'rlhf'), 'unknown methods'),
+    ('ilr.alpha_scope', 'some', 'alpha_scope'),
+    ('dpo.num_samples', 5, 'num_samples'),
+  ]
+  for key, value, msg in cases:
+    bad = _get_config('arith', 'compare,tiny')
+    section, _, field = key.rpartition('.')
+    (bad[section] if section else bad)[field] = value
+    with pytest.raises(pipeline.ConfigError, match=msg) as e:
+      pipeline.validate(bad, num_devices=8)
+    assert '\n' not in str(e.value)
+  g = _get_config('gsm8k', 'dpo')
+  with pytest.raises(pipeline.ConfigError, match='supervisor.model_dir is required'):
+    pipeline.validate(g, num_devices=8)
+  g.supervisor.model_dir = str(tmp_path / 'missing')
+  with pytest.raises(pipeline.ConfigError, match='does not exist'):
+    pipeline.validate(g, num_devices=8)
+  # sft needs no evaluator; dpo does (it is the evaluator's model that is missing here).
+  s = _get_config('gsm8k', 'sft')
+  s.supervisor.model_dir = s.student.model_dir = str(tmp_path)
+  pipeline.validate(s, num_devices=8)
+  d = _get_config('gsm8k', 'dpo')
+  d.supervisor.model_dir = d.student.model_dir = str(tmp_path)
+  d.evaluator.model_dir = str(tmp_path / 'nope')
+  with pytest.raises(pipeline.ConfigError, match='evaluator.model_dir'):
+    pipeline.validate(d, num_devices=8)
+
+
+def test_main_rejects_bad_key_in_one_line(tmp_path):
+  cmd = [
+    sys.executable,
+    '-m',
+    'ilr_jax.main',
+    '--config=configs/arith.py:compare,tiny',
+    f'--workdir={tmp_path}/w',
+  ]
+  for extra, msg in (
+    ('--config.sft.nope=1', 'unknown config key --config.sft.nope'),
+    ('--config.sft.batch_size=7', 'sft.batch_size=7 is not divisible'),
+  ):
+    r = subprocess.run(
+      cmd + [extra],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={
+        'JAX_PLATFORMS': 'cpu',
+        'PATH': '/usr/bin:/bin',
+        'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+      },
+    )
+    assert r.returncode != 0
+    assert 'Traceback' not in r.stderr and msg in r.stderr.strip().splitlines()[-1], r.stderr
+  assert not (tmp_path / 'w').exists()  # nothing was written before the error
