@@ -30,7 +30,7 @@ def get_config(arg: str = 'compare'):
     config.methods = pipeline.METHODS
   config.num_rounds = 4
 
-  config.task.seed = 0
+  config.task.seed = config.get_ref('seed')  # new seed, new problems
   config.task.num_train = 1200
   config.task.num_test = 200
   config.task.max_new_tokens = 64

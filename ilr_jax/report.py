@@ -84,7 +84,17 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   return _sorted(out)
 
 
-METHOD_ORDER = ('sft', 'ilr', 'naive', 'dpo', 'orailr', 'oradpo', 'cororailr', 'cororadpo')
+METHOD_ORDER = (
+  'supervisor',
+  'sft',
+  'ilr',
+  'naive',
+  'dpo',
+  'orailr',
+  'oradpo',
+  'cororailr',
+  'cororadpo',
+)
 
 
 def _sorted(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
