@@ -25,6 +25,12 @@ _RECOMPUTE = flags.DEFINE_bool(
   'recompute the stages whose config values changed (and everything after them) instead of '
   'refusing to run',
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+  'distributed',
+  False,
+  'multi-host: call jax.distributed.initialize() first (TPU pods, multi-node GPU); every process '
+  'runs the same command',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -62,6 +68,10 @@ def _parse(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _DISTRIBUTED.value:
+    import jax
+
+    jax.distributed.initialize()
   from ilr_jax import pipeline, workdir
 
   try:

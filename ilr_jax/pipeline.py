@@ -478,19 +478,24 @@ class Run:
 
 
 def _train_config(tcfg, seed: int, **extra):
-  from ilr_jax import fit
+  """fit.TrainConfig from a config section (sft, supervisor_sft, dpo, evaluator_train, ...)."""
+  from ilr_jax import train
 
-  return fit.TrainConfig(
+  fields = dict(
     optimizer=tcfg.optimizer,
     lr=tcfg.lr,
     warmup_ratio=tcfg.warmup_frac,
     weight_decay=tcfg.get('weight_decay', 0.0),
     epochs=tcfg.get('epochs', tcfg.get('max_epochs', 1)),
-    batch_size=tcfg.batch_size,
-    max_len=tcfg.get('max_len', None),
+    global_batch=tcfg.batch_size,
     seed=seed,
-    **extra,
+    lora_rank=tcfg.get('lora_rank', 0),
+    lora_alpha=tcfg.get('lora_alpha', 0.0),
   )
+  if tcfg.get('max_len') is not None:
+    fields['max_len'] = tcfg.max_len
+  fields.update(extra)
+  return train.TrainConfig(**fields)
 
 
 def _fit(run: Run, stage: str, model, examples, loss: str, tcfg, **options):
@@ -507,21 +512,6 @@ def _fit(run: Run, stage: str, model, examples, loss: str, tcfg, **options):
     workdir=run.wd.path(stage, 'fit'),
     mesh=run.mesh,
     **options,
-  )
-
-
-def _with_adapter(run: Run, model, tcfg, stage: str):
-  from ilr_jax import lora
-
-  if not tcfg.lora_rank:
-    return model
-  return lora.add_lora(
-    model,
-    tcfg.lora_rank,
-    tcfg.lora_alpha,
-    'all',
-    rng=_stage_seed(run.config.seed, stage + '/lora'),
-    mesh=run.mesh,
   )
 
 
@@ -625,7 +615,7 @@ def stage_supervisor(run: Run) -> dict:
   """The weak supervisor: SFT on half A's ground truth, checkpoints kept for the evaluator data."""
   c, stage = run.config, 'supervisor'
   n = c.evaluator_train.num_checkpoints
-  model = _with_adapter(run, run.base('supervisor'), c.supervisor_sft, stage)
+  model = run.base('supervisor')
   examples = _sft_examples(
     run, 'supervisor', [e.question for e in run.half_a], [e.answer for e in run.half_a]
   )
@@ -636,7 +626,7 @@ def stage_supervisor(run: Run) -> dict:
     examples,
     'sft',
     c.supervisor_sft,
-    checkpoint_fractions=tuple((i + 1) / n for i in range(n)),
+    train_options=dict(checkpoint_fractions=tuple((i + 1) / n for i in range(n))),
   )
   run.save(model, stage)
   return _evaluate(run, model, 'supervisor', stage)
@@ -704,7 +694,7 @@ def stage_cor_labels(run: Run) -> dict:
 def stage_student(run: Run, stage: str, labels_stage: str, evaluate: bool = True) -> dict:
   """The student from its base with a fresh adapter, SFT on a label set; evaluated on test."""
   d = load_label_set(run.wd.path(labels_stage, 'labels'))
-  model = _with_adapter(run, run.base('student'), run.config.sft, stage)
+  model = run.base('student')
   examples = _sft_examples(run, 'student', d['question'], d['label'])
   model, _ = _fit(run, stage, model, examples, 'sft', run.config.sft)
   run.save(model, stage)
@@ -732,7 +722,7 @@ def stage_half(run: Run, labels_stage: str, i: int) -> dict:
   d = load_label_set(run.wd.path(labels_stage, 'labels'))
   h1, h2 = halves_split(run, labels_stage, len(d['id']))
   own, other = (h1, h2) if i == 1 else (h2, h1)
-  model = _with_adapter(run, run.base('student'), run.config.sft, stage)
+  model = run.base('student')
   examples = _sft_examples(
     run, 'student', [d['question'][j] for j in own], [d['label'][j] for j in own]
   )
@@ -909,20 +899,24 @@ def _dpo_tokens(tok, question: str, answer: str):
 
 
 def _ref_logps(run: Run, policy, tok, questions, chosen, rejected) -> tuple[list, list]:
-  """Reference log-probs (sum over answer tokens) of the pairs under the reference policy."""
+  """Reference log-probs (sums over answer tokens) of the pairs under the reference policy."""
   from ilr_jax import train
+  from ilr_jax.tokens import pad_batch
 
+  bs = run.config.dpo.batch_size
   out = []
   for answers in (chosen, rejected):
     seqs = [_dpo_tokens(tok, q, a) for q, a in zip(questions, answers)]
-    out.append(
-      train.batched_sequence_logps(
-        policy, seqs, batch_size=run.config.dpo.batch_size, mesh=run.mesh
-      )
-      if seqs
-      else []
-    )
-  return [float(x) for x in out[0]], [float(x) for x in out[1]]
+    logps = []
+    for s in range(0, len(seqs), bs):
+      chunk = seqs[s : s + bs]
+      chunk = chunk + [chunk[-1]] * (bs - len(chunk))  # fixed batch shape: one compilation
+      tokens, mask = pad_batch([ids for ids, _ in chunk], pad_id=tok.pad_id, multiple=64)
+      loss_mask, _ = pad_batch([lm for _, lm in chunk], length=tokens.shape[1], pad_id=0)
+      got = np.asarray(train.sequence_logps(policy, tokens, mask, loss_mask))
+      logps += got[: min(bs, len(seqs) - s)].tolist()
+    out.append([float(x) for x in logps])
+  return out[0], out[1]
 
 
 def stage_dpo_policy(run: Run, method: str, k: int, policy_stage: str) -> dict:
@@ -950,7 +944,15 @@ def stage_dpo_policy(run: Run, method: str, k: int, policy_stage: str) -> dict:
   out = {'dpo_pairs': len(examples)}
   if examples:
     policy, result = _fit(
-      run, stage, policy, examples, 'dpo', c.dpo, train_options=dict(beta=c.dpo.beta)
+      run,
+      stage,
+      policy,
+      examples,
+      'dpo',
+      c.dpo,
+      train_options=dict(
+        dpo_beta=c.dpo.beta, lora_rank=policy.cfg.lora_rank, lora_alpha=policy.cfg.lora_alpha
+      ),
     )
     for key, name in (('margin', 'dpo_reward_margin'), ('accuracy', 'dpo_reward_accuracy')):
       out[name] = _final(result, f'rewards/{key}') if key == 'margin' else _final(result, key)
@@ -972,7 +974,7 @@ def stage_evaluator_data(run: Run) -> dict:
       f'{stage}: the supervisor kept {len(ckpts)} checkpoints, expected '
       f'{run.config.evaluator_train.num_checkpoints}'
     )
-  base = _with_adapter(run, run.base('supervisor'), run.config.supervisor_sft, 'supervisor')
+  base = run.base('supervisor')
   for i, (_, path) in enumerate(ckpts):
     model = fit.load_params(base, path)
     answers = [

@@ -1,5 +1,7 @@
 """Results of a pipeline run: results.jsonl, the report.md table, accuracy.png, TensorBoard scalars.
 
+Several runs (seeds) into one report: `python -m ilr_jax.report --workdirs=A,B,C --out=DIR`.
+
 One result row per (seed, method, round), a flat JSON object:
   seed, method, round            which run ('sft', 'ilr', 'naive', 'dpo', 'orailr', ... ; round 0
                                  is the SFT model on D0 for every method)
@@ -212,3 +214,33 @@ def write_report(
   plot_accuracy(rows, out / 'accuracy.png', title=title)
   write_tensorboard(out / 'tb', rows)
   return table
+
+
+def combine(workdirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, title: str) -> str:
+  """One report over several runs (e.g. seeds): their results.jsonl rows, mean ± std tables."""
+  rows = []
+  for wd in workdirs:
+    path = pathlib.Path(wd) / 'results.jsonl'
+    if not path.exists():
+      raise FileNotFoundError(f'{path} does not exist: has the run in {wd} finished?')
+    rows += read_results(path)
+  pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  return write_report(out_dir, rows, title=title)
+
+
+def _main(argv):
+  del argv
+  from absl import flags
+
+  f = flags.FLAGS
+  print(combine(f.workdirs, f.out, f.title), flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+
+  flags.DEFINE_list('workdirs', None, 'finished pipeline workdirs to combine (e.g. one per seed)')
+  flags.DEFINE_string('out', None, 'where results.jsonl, report.md and accuracy.png go')
+  flags.DEFINE_string('title', 'ILR vs SFT+DPO, mean over seeds', 'report title')
+  flags.mark_flags_as_required(['workdirs', 'out'])
+  app.run(_main)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The CPU science run: configs/arith.py:compare for several seeds, one workdir each, then one
+# report with mean and spread over the seeds (results.jsonl, report.md, accuracy.png in OUT).
+#
+#   launch/arith_seeds.sh /tmp/arith_seeds 0 1 2 [-- extra --config.x=y flags]
+#
+# Each seed resumes its own workdir when rerun. Run time: about 15 minutes per seed on 2 cores.
+set -euo pipefail
+OUT="${1:?usage: arith_seeds.sh OUT SEED... [-- FLAGS...]}"
+shift
+SEEDS=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do SEEDS+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+PY="${PYTHON:-python}"
+DIRS=()
+for s in "${SEEDS[@]}"; do
+  "$PY" -m ilr_jax.main --config=configs/arith.py:compare --workdir="$OUT/seed_$s" \
+    --config.seed="$s" "$@"
+  DIRS+=("$OUT/seed_$s")
+done
+"$PY" -m ilr_jax.report --workdirs="$(IFS=,; echo "${DIRS[*]}")" --out="$OUT"
