@@ -183,21 +183,47 @@ def compare(job: Job, limits: Limits) -> Outcome:
     conn.close()
 
 
+_READY = '__ready__'
+# A spawned worker imports its target's module first; seconds on a loaded machine, never minutes.
+_STARTUP_TIMEOUT_S = 120.0
+
+
 def _worker(conn: mp_connection.Connection, target: Callable[[Any], Any]) -> None:
-  """Worker loop: receive (id, payload), send (id, target(payload)); None ends it."""
+  """Worker loop: say it is ready, then receive (id, payload), send (id, target(payload)); None
+  ends it."""
+  conn.send(_READY)
   while (item := conn.recv()) is not None:
     key, payload = item
     conn.send((key, target(payload)))
 
 
 class _Worker:
+  """One worker process. Jobs go only to a ready worker, so a job's deadline never includes the
+  worker's start-up (spawning and importing)."""
+
   def __init__(self, ctx, target: Callable[[Any], Any]):
     self.conn, child = ctx.Pipe()
     self.proc = ctx.Process(target=_worker, args=(child, target), daemon=True)
     self.proc.start()
     child.close()
+    self.ready = False
     self.key: Hashable | None = None
-    self.deadline = 0.0
+    self.deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+
+  def check_ready(self) -> None:
+    """Marks the worker ready once it said so; raises if it died or hung while starting."""
+    if self.conn.poll():
+      try:
+        message = self.conn.recv()
+      except (EOFError, OSError) as e:
+        raise RuntimeError(f'a worker process died while starting ({self.proc.exitcode})') from e
+      if message != _READY:
+        raise RuntimeError(f'a starting worker sent {message!r}')
+      self.ready = True
+    elif not self.proc.is_alive():
+      raise RuntimeError(f'a worker process died while starting (exit code {self.proc.exitcode})')
+    elif time.monotonic() > self.deadline:
+      raise RuntimeError(f'a worker process did not start in {_STARTUP_TIMEOUT_S:.0f}s')
 
   def stop(self, kill: bool) -> None:
     if kill:
@@ -233,6 +259,7 @@ def run_isolated(
   A job running longer than hard_timeout_s has its worker killed and gets Failed('killed'); a
   job whose worker dies gets Failed('crashed'). Either way a fresh worker takes the next job, so
   no other job is affected. target must be picklable (a module-level function or a partial).
+  A worker that cannot start at all is an error of the environment, raised as RuntimeError.
 
   Returns:
     {id: target's result or a Failed}; ids must be unique.
@@ -247,7 +274,7 @@ def run_isolated(
   try:
     while pending or any(w.key is not None for w in workers):
       for i, w in enumerate(workers):
-        if w.key is None and pending:
+        if w.ready and w.key is None and pending:
           key, payload = pending.popleft()
           try:
             w.conn.send((key, payload))
@@ -258,10 +285,13 @@ def run_isolated(
             workers[i] = _Worker(ctx, target)
             continue
           w.key, w.deadline = key, time.monotonic() + hard_timeout_s
-      busy = [w for w in workers if w.key is not None]
-      wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-      mp_connection.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], wait_s)
+      waiting = [w for w in workers if w.key is not None or not w.ready]
+      wait_s = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+      mp_connection.wait([w.conn for w in waiting] + [w.proc.sentinel for w in waiting], wait_s)
       for i, w in enumerate(workers):
+        if not w.ready:
+          w.check_ready()
+          continue
         if w.key is None:
           continue
         failure = None
