@@ -1,0 +1,272 @@
+"""`arith`: a synthetic GSM8K-format task and a pretraining corpus, for runs on a CPU.
+
+Problems are short word problems about one person's stock of items, changed by 2 to 4 operations;
+the worked solution writes one equation a line, GSM8K style, and ends with `#### n`. Question:
+
+  Mia has 12 apples. She buys 7 more. She gives 5 to Tom. How many apples does Mia have now?
+
+Answer (three lines):
+
+  12+7=19 apples.
+  19-5=14 apples.
+  #### 14
+
+With data/arith/spm.model a problem, its solution and the SFT prompt take about 90 tokens at the
+default knobs (128 at most, BOS and EOS included). Difficulty comes from the knobs of
+`ArithConfig` (number of steps, operand size, which operations, an irrelevant sentence), so a
+smaller tiny model solves the easy end and a bigger one gets further, as with a real pretrained
+LM. `make_corpus` writes equations and worked steps without the word-problem format: base models
+learn to compute from it, and supervised fine-tuning has to teach them to read the problems.
+
+Everything is drawn from `random.Random(<string seed>).random()`, the one part of Python's random
+module whose sequence is guaranteed across Python versions (string seeds hash with SHA-512), so
+the data are byte-for-byte the same on every machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+NAMES = (
+  ('Mia', 'She', 'her'),
+  ('Tom', 'He', 'him'),
+  ('Ava', 'She', 'her'),
+  ('Leo', 'He', 'him'),
+  ('Zoe', 'She', 'her'),
+  ('Sam', 'He', 'him'),
+  ('Amy', 'She', 'her'),
+  ('Ben', 'He', 'him'),
+)
+ITEMS = (
+  'apples',
+  'pears',
+  'cookies',
+  'marbles',
+  'stickers',
+  'books',
+  'coins',
+  'shells',
+  'cards',
+  'eggs',
+  'toys',
+  'pens',
+)
+OPS = '+-*/'
+
+# Question sentences per operation; {p} is the pronoun, {f} a friend, {o} the object pronoun and
+# {k} the operand. Short on purpose: a whole problem with its solution fits in about 100 tokens.
+_QUESTION = {
+  '+': ('{p} buys {k} more.', '{p} finds {k} more.', '{f} gives {o} {k} more.'),
+  '-': ('{p} gives {k} to {f}.', '{p} loses {k}.', '{p} sells {k}.'),
+  '*': ('{p} then has {k} times as many.',),
+  '/': ('{p} splits them into {k} equal parts and keeps one part.',),
+}
+_ASK = (
+  'How many {i} does {n} have now?',
+  'How many {i} does {n} have in the end?',
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithConfig:
+  """Difficulty knobs of generated problems.
+
+  Attributes:
+    min_steps, max_steps: number of operations per problem (inclusive range).
+    max_operand: the start value and the operands of + and - are drawn from [1, max_operand].
+    max_factor: multipliers and divisors are drawn from [2, max_factor].
+    max_value: no intermediate value exceeds it (keeps answers a few digits long).
+    ops: which operations may appear; must hold '+' and '-' so every state has a legal step.
+    distractor_prob: chance of one irrelevant sentence about a friend's items.
+  """
+
+  min_steps: int = 2
+  max_steps: int = 4
+  max_operand: int = 50
+  max_factor: int = 5
+  max_value: int = 999
+  ops: str = OPS
+  distractor_prob: float = 0.25
+
+  def __post_init__(self):
+    if not 1 <= self.min_steps <= self.max_steps:
+      raise ValueError(f'need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}')
+    if self.max_operand < 2 or self.max_factor < 2:
+      raise ValueError('max_operand and max_factor must be at least 2')
+    if self.max_value < 2 * max(self.max_operand, self.max_factor):
+      raise ValueError('max_value must be at least twice max_operand and max_factor')
+    if not set(self.ops) <= set(OPS) or not {'+', '-'} <= set(self.ops):
+      raise ValueError(f"ops must be a subset of {OPS!r} holding '+' and '-', got {self.ops!r}")
+    if not 0.0 <= self.distractor_prob <= 1.0:
+      raise ValueError(f'distractor_prob must lie in [0, 1], got {self.distractor_prob}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  question: str
+  answer: str  # worked solution ending with '#### n'
+  value: int  # n
+
+
+class _Draw:
+  """Integer and choice draws built only on `random.random()` (see the module docstring)."""
+
+  def __init__(self, seed: str):
+    self._rng = random.Random(seed)
+
+  def integer(self, lo: int, hi: int) -> int:
+    return lo + int(self._rng.random() * (hi - lo + 1))
+
+  def pick(self, seq: Sequence):
+    return seq[self.integer(0, len(seq) - 1)]
+
+  def chance(self, p: float) -> bool:
+    return self._rng.random() < p
+
+
+def _legal_steps(x: int, cfg: ArithConfig) -> list[tuple[str, int, int]]:
+  """(op, lo, hi) for each operation legal from value x ('/': some k in [lo, hi] divides x)."""
+  steps = []
+  if '+' in cfg.ops and x < cfg.max_value:
+    steps.append(('+', 1, min(cfg.max_operand, cfg.max_value - x)))
+  if '-' in cfg.ops and x >= 2:
+    steps.append(('-', 1, min(cfg.max_operand, x - 1)))
+  if '*' in cfg.ops and 2 * x <= cfg.max_value:
+    steps.append(('*', 2, min(cfg.max_factor, cfg.max_value // x)))
+  if '/' in cfg.ops and any(x % k == 0 for k in range(2, cfg.max_factor + 1)):
+    steps.append(('/', 2, cfg.max_factor))
+  return steps
+
+
+def step_line(x: int, op: str, k: int, y: int, item: str) -> str:
+  """One line of a worked solution, '12+7=19 apples.' (spaces would cost a token each)."""
+  return f'{x}{op}{k}={y} {item}.'
+
+
+def _apply(op: str, x: int, k: int) -> int:
+  return {'+': x + k, '-': x - k, '*': x * k, '/': x // k}[op]
+
+
+def _chain(draw: _Draw, cfg: ArithConfig, num_steps: int) -> tuple[int, list[tuple[str, int, int]]]:
+  """A start value and num_steps (op, operand, result) triples that stay in [1, max_value]."""
+  start = x = draw.integer(2, cfg.max_operand)
+  steps = []
+  for _ in range(num_steps):
+    op, lo, hi = draw.pick(_legal_steps(x, cfg))
+    if op == '/':
+      k = draw.pick([d for d in range(lo, hi + 1) if x % d == 0])
+    else:
+      k = draw.integer(lo, hi)
+    y = _apply(op, x, k)
+    steps.append((op, k, y))
+    x = y
+  return start, steps
+
+
+def make_problem(draw: _Draw, cfg: ArithConfig) -> Problem:
+  """One word problem with its worked solution."""
+  name, pronoun, obj = draw.pick(NAMES)
+  # Friends are of the other gender so every 'she'/'he' can only mean the problem's person.
+  friends = [n for n, p, _ in NAMES if p != pronoun]
+  item = draw.pick(ITEMS)
+  num_steps = draw.integer(cfg.min_steps, cfg.max_steps)
+  start, steps = _chain(draw, cfg, num_steps)
+
+  sentences = [f'{name} has {start} {item}.']
+  lines = []
+  x = start
+  for op, k, y in steps:
+    template = draw.pick(_QUESTION[op])
+    sentences.append(template.format(p=pronoun, f=draw.pick(friends), o=obj, k=k))
+    lines.append(step_line(x, op, k, y, item))
+    x = y
+  if draw.chance(cfg.distractor_prob):
+    other = draw.pick([i for i in ITEMS if i != item])
+    distractor = f'{draw.pick(friends)} has {draw.integer(2, cfg.max_operand)} {other}.'
+    sentences.insert(draw.integer(1, len(sentences)), distractor)
+  sentences.append(draw.pick(_ASK).format(i=item, n=name))
+  lines.append(f'#### {x}')
+  return Problem(question=' '.join(sentences), answer='\n'.join(lines), value=x)
+
+
+def generate(
+  seed: int | str,
+  n: int,
+  cfg: ArithConfig = ArithConfig(),
+  *,
+  exclude: frozenset[str] = frozenset(),
+) -> list[Problem]:
+  """n problems with distinct questions, none in `exclude`, deterministic in (seed, cfg).
+
+  Args:
+    seed: any int or string; the stream is keyed by its string form.
+    n: number of problems.
+    cfg: difficulty knobs.
+    exclude: questions that must not appear (a test split excludes the train questions).
+  Returns:
+    The problems, in generation order.
+  """
+  draw = _Draw(f'arith/problems/{seed}')
+  seen = set(exclude)
+  out = []
+  misses = 0
+  while len(out) < n:
+    p = make_problem(draw, cfg)
+    if p.question in seen:
+      misses += 1
+      if misses > 10_000:  # in a row: the knobs allow too few distinct problems
+        raise ValueError(f'could not draw {n} distinct problems from {cfg}; widen the knobs')
+      continue
+    misses = 0
+    seen.add(p.question)
+    out.append(p)
+  return out
+
+
+def _equation_doc(draw: _Draw, cfg: ArithConfig) -> str:
+  """A chain of bare equations, one a line ('12+7=19', then '19-5=14', ...)."""
+  start, steps = _chain(draw, cfg, draw.integer(cfg.min_steps, cfg.max_steps + 2))
+  lines, x = [], start
+  for op, k, y in steps:
+    lines.append(f'{x}{op}{k}={y}')
+    x = y
+  return '\n'.join(lines)
+
+
+def _worked_doc(draw: _Draw, cfg: ArithConfig) -> str:
+  """A stock and worked steps in the solution's wording, with no question and no final answer."""
+  name, _, _ = draw.pick(NAMES)
+  item = draw.pick(ITEMS)
+  start, steps = _chain(draw, cfg, draw.integer(cfg.min_steps, cfg.max_steps + 2))
+  lines, x = [f'{name} has {start} {item}.'], start
+  for op, k, y in steps:
+    lines.append(step_line(x, op, k, y, item))
+    x = y
+  return '\n'.join(lines)
+
+
+def _facts_doc(draw: _Draw, cfg: ArithConfig) -> str:
+  """Unrelated one-step facts on one line: '3*4=12, 40/5=8.'"""
+  facts = []
+  for _ in range(draw.integer(2, 5)):
+    x, [(op, k, y)] = _chain(draw, cfg, 1)
+    facts.append(f'{x}{op}{k}={y}')
+  return ', '.join(facts) + '.'
+
+
+def make_corpus(seed: int | str, size: int, cfg: ArithConfig = ArithConfig()) -> list[str]:
+  """Pretraining documents: equation chains, worked steps and one-step facts, deterministic.
+
+  Args:
+    seed: any int or string (a separate stream from `generate`'s).
+    size: number of documents.
+    cfg: operand and step knobs; chains run up to cfg.max_steps + 2 steps so a model sees longer
+      computations in pretraining than any problem asks for.
+  Returns:
+    `size` strings, several lines each, no word-problem format.
+  """
+  draw = _Draw(f'arith/corpus/{seed}')
+  makers = (_equation_doc, _worked_doc, _facts_doc)
+  return [draw.pick(makers)(draw, cfg) for _ in range(size)]

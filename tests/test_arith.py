@@ -1,0 +1,132 @@
+"""Tests for ilr_jax.arith and its tokenizer: reproducible data, correct solutions, round trips."""
+
+import hashlib
+import importlib.util
+import pathlib
+import re
+
+import pytest
+import sentencepiece as spm
+
+from ilr_jax import arith
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SPM_MODEL = REPO / 'data' / 'arith' / 'spm.model'
+HARD = arith.ArithConfig(
+  min_steps=3, max_steps=4, max_operand=100, max_factor=9, distractor_prob=0.5, ops='+-*'
+)
+
+
+def _digest(strings) -> str:
+  return hashlib.sha256('\x00'.join(strings).encode()).hexdigest()
+
+
+def _problem_strings(problems):
+  return [p.question + '\x01' + p.answer for p in problems]
+
+
+def test_generation_is_byte_for_byte_reproducible():
+  # Golden digests pin the data across runs, machines and Python versions.
+  assert _digest(_problem_strings(arith.generate(0, 300))) == (
+    '30420833d88f354132a08225444164e259c3da30647aa4048ca05ac632068add'
+  )
+  assert _digest(arith.make_corpus(0, 300)) == (
+    '2ba80ce8c7857f5aaa38b55b46b469cbd4250640624dc9ad4acbef24afcfa09e'
+  )
+  assert _digest(_problem_strings(arith.generate('x', 300, HARD))) == (
+    '7fa9252ac48d20760213fc4ecc9df342224f157766cb01abbbc46ed716e04e3d'
+  )
+  assert arith.generate(5, 50) == arith.generate(5, 50)
+  assert arith.generate(5, 50) != arith.generate(6, 50)
+  # A longer run extends a shorter one: sizes can change without changing the first rows.
+  assert arith.generate(3, 100)[:40] == arith.generate(3, 40)
+
+
+_STEP = re.compile(r'^(\d+)([-+*/])(\d+)=(\d+) ([a-z]+)\.$')
+
+
+@pytest.mark.parametrize(
+  'cfg', [arith.ArithConfig(), HARD, arith.ArithConfig(max_operand=10, max_steps=2, ops='+-')]
+)
+def test_solutions_are_correct_and_respect_the_knobs(cfg):
+  problems = arith.generate(1, 500, cfg)
+  assert len({p.question for p in problems}) == len(problems)
+  for p in problems:
+    *steps, last = p.answer.split('\n')
+    assert cfg.min_steps <= len(steps) <= cfg.max_steps
+    x = None
+    for line in steps:
+      a, op, k, y, _ = _STEP.match(line).groups()
+      a, k, y = int(a), int(k), int(y)
+      assert op in cfg.ops
+      assert x is None or a == x  # each step starts from the previous result
+      assert y == {'+': a + k, '-': a - k, '*': a * k, '/': a // k}[op]
+      assert op != '/' or a % k == 0
+      assert 1 <= y <= cfg.max_value
+      assert k <= (cfg.max_operand if op in '+-' else cfg.max_factor)
+      x = y
+    assert last == f'#### {x}' and p.value == x
+    assert p.question.endswith('?') and '####' not in p.question
+
+
+def test_exclude_and_bad_knobs():
+  train = arith.generate(0, 200)
+  test = arith.generate(0, 200, exclude=frozenset(p.question for p in train))
+  assert not {p.question for p in train} & {p.question for p in test}
+  for bad in (
+    dict(ops='+*'),
+    dict(min_steps=3, max_steps=2),
+    dict(distractor_prob=2.0),
+    dict(max_operand=50, max_value=60),
+  ):
+    with pytest.raises(ValueError):
+      arith.ArithConfig(**bad)
+  with pytest.raises(ValueError, match='distinct'):
+    tiny = arith.ArithConfig(
+      min_steps=1, max_steps=1, max_operand=2, max_value=10, ops='+-', distractor_prob=0.0
+    )
+    arith.generate(0, 5000, tiny)
+
+
+def test_corpus_has_no_word_problem_format():
+  docs = arith.make_corpus(2, 500)
+  assert len(docs) == 500
+  assert not any('####' in d or '?' in d or 'USER' in d for d in docs)
+  assert sum('=' in d for d in docs) == len(docs)
+
+
+@pytest.fixture(scope='module')
+def sp():
+  return spm.SentencePieceProcessor(model_file=str(SPM_MODEL))
+
+
+def test_tokenizer_ids_and_settings(sp):
+  assert 384 <= sp.get_piece_size() <= 512
+  assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
+  assert [sp.id_to_piece(i) for i in sp.encode('2024')] == ['2', '0', '2', '4']  # split digits
+  assert sp.encode('\n') == [sp.piece_to_id('\n')]
+
+
+def test_tokenizer_round_trips_every_generated_string(sp):
+  problems = arith.generate(0, 1000) + arith.generate(1, 500, HARD)
+  strings = [p.question for p in problems] + [p.answer for p in problems]
+  strings += arith.make_corpus(0, 1000)
+  strings += [f'USER:\n{p.question}\n\nASSISTANT:\n{p.answer}' for p in problems[:100]]
+  strings += ['\n\n', '  two  spaces ', '\tTab\r\n', 'Ünïcode ✓ $1,080.00', '']
+  for s in strings:
+    assert sp.decode(sp.encode(s)) == s, repr(s)
+
+
+def test_default_problems_fit_in_128_tokens(sp):
+  for p in arith.generate(0, 2000):
+    ids = [sp.bos_id()] + sp.encode(f'USER:\n{p.question}\n\nASSISTANT:\n{p.answer}') + [2]
+    assert len(ids) <= 128, p
+
+
+def test_committed_tokenizer_is_what_the_script_makes():
+  spec = importlib.util.spec_from_file_location(
+    'make_tokenizer', SPM_MODEL.parent / 'make_tokenizer.py'
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.train() == SPM_MODEL.read_bytes()
