@@ -486,3 +486,109 @@ def copy_tokenizer(src, dst) -> list[str]:
       shutil.copy2(f, pathlib.Path(dst) / name)
       copied.append(name)
   return copied
+
+
+# -- our checkpoint format ---------------------------------------------------------------------
+# CKPT_DIR/model_config.json (ModelConfig fields) + CKPT_DIR/params (an orbax checkpoint of the
+# parameter pytree) + tokenizer files when known. Written into a temporary sibling and renamed.
+
+MODEL_CONFIG = 'model_config.json'
+
+
+def save_checkpoint(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -> None:
+  """Save `model` (any sharding, LoRA included) in our format; atomic on the final rename."""
+  import orbax.checkpoint as ocp
+
+  out = pathlib.Path(out_dir).absolute()
+  if out.exists():
+    raise CheckpointError(f'checkpoint directory {out} already exists')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.parent / f'{out.name}.tmp-{os.getpid()}'
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  params = nnx.state(model).to_pure_dict()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp / 'params', params)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    (tmp / MODEL_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    if tokenizer_dir is not None:
+      copy_tokenizer(tokenizer_dir, tmp)
+    tmp.rename(out)
+
+
+def load_checkpoint(
+  ckpt_dir: str | os.PathLike, *, mesh=None, rules=shd.TRAIN_RULES, **overrides
+) -> Decoder:
+  """Load a checkpoint written by `save_checkpoint`, parameters restored into their shardings.
+
+  `overrides` may change numerics-only fields (dtype, remat, scan_layers), not shapes.
+  """
+  import orbax.checkpoint as ocp
+
+  path = pathlib.Path(ckpt_dir).absolute()
+  if not (path / MODEL_CONFIG).exists() or not (path / 'params').is_dir():
+    raise CheckpointError(f'{path} is not an ilr_jax checkpoint (no {MODEL_CONFIG} or params/)')
+  cfg = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG).read_text())).replace(**overrides)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+  if mesh is None:
+    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  shardings = shd.state_shardings(abstract, mesh, rules)
+  target = jax.tree.map(
+    lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+    abstract.to_pure_dict(),
+    shardings.to_pure_dict(),
+  )
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(path / 'params', target)
+  nnx.replace_by_pure_dict(abstract, restored)
+  return nnx.merge(graphdef, abstract)
+
+
+def load_model(path: str | os.PathLike, *, mesh=None, rules=shd.TRAIN_RULES, **overrides):
+  """An HF directory or one of our checkpoints, told apart by the files it holds."""
+  p = pathlib.Path(path)
+  if (p / MODEL_CONFIG).exists():
+    return load_checkpoint(p, mesh=mesh, rules=rules, **overrides)
+  return load_hf(p, mesh=mesh, rules=rules, **overrides)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def main(argv) -> None:
+  from absl import flags
+
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise SystemExit(f'convert: unexpected arguments {argv[1:]}')
+  try:
+    if f.from_hf and f.out and not (f.checkpoint or f.to_hf):
+      model = load_hf(f.from_hf, param_dtype=f.param_dtype) if f.param_dtype else load_hf(f.from_hf)
+      save_checkpoint(model, f.out, tokenizer_dir=f.from_hf)
+      print(f'wrote {f.out} ({model.cfg.arch}, {num_params_of(model):,} parameters)')
+    elif f.checkpoint and f.to_hf and not (f.from_hf or f.out):
+      model = load_checkpoint(f.checkpoint)
+      save_hf(model, f.to_hf, tokenizer_dir=f.checkpoint)
+      print(f'wrote {f.to_hf} ({model.cfg.arch}, {num_params_of(model):,} parameters)')
+    else:
+      raise SystemExit('convert: give either --from_hf and --out, or --checkpoint and --to_hf')
+  except CheckpointError as e:
+    raise SystemExit(f'convert: {e}') from None
+
+
+def num_params_of(model: Decoder) -> int:
+  from ilr_jax.model import num_params
+
+  return num_params(nnx.state(model))
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+
+  flags.DEFINE_string('from_hf', None, 'HF model directory to import')
+  flags.DEFINE_string('out', None, 'our checkpoint directory to write (with --from_hf)')
+  flags.DEFINE_string('checkpoint', None, 'our checkpoint directory to export')
+  flags.DEFINE_string('to_hf', None, 'HF directory to write (with --checkpoint)')
+  flags.DEFINE_string('param_dtype', None, 'float32 or bfloat16 for the imported parameters')
+  app.run(main)

@@ -132,7 +132,7 @@ class ModelConfig:
 
 def _param(value: Array, names: tuple[str | None, ...], kind=nnx.Param) -> nnx.Variable:
   # Sharding is applied in one place (sharding.py) from these logical names, not eagerly here.
-  return kind(value, sharding_names=names, eager_sharding=False)
+  return kind(value, out_sharding=names, eager_sharding=False)
 
 
 class Linear(nnx.Module):
@@ -292,14 +292,26 @@ class Block(nnx.Module):
     self.activation = cfg.activation
     self.sliding_window = cfg.sliding_window
 
-  def __call__(self, x_BTD, q_pos_BT, mask_BTS, inv_freq, kv=None, cache_index=None):
+  def __call__(self, x_BTD, q_pos_BT, mask_BTS, inv_freq, kv=None, cache_index=None, layer=None):
     """One layer. With `kv` (this layer's cache slices) the new keys/values are written into it at
-    `cache_index` and attention runs over the whole cache; returns (x, new kv or None)."""
+    `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
+
+    With `layer` set, `kv` holds every layer's cache [L, B, S, K, H] (a loop carry) and only this
+    layer's new slots are written, before attention reads them back: XLA then updates the carried
+    cache in place instead of copying a layer slice out and back each step (see decode_hidden).
+    """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
     k = apply_rope(self.k(y), q_pos_BT, inv_freq)
     v = self.v(y)
-    if kv is not None:
+    if kv is not None and layer is not None:
+      k_all, v_all = kv
+      start = (layer, 0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+      kv = (k_all, v_all)
+      k, v = k_all[layer], v_all[layer]
+    elif kv is not None:
       k_cache, v_cache = kv
       start = (0, cache_index, 0, 0)
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
@@ -467,6 +479,41 @@ class Decoder(nnx.Module):
     )
     h, cache = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS, cache, cache_index)
     return self.logits(h), cache
+
+  def decode_hidden(
+    self, tokens_BT: Array, positions_BT: Array, cache: Cache, cache_index: Array, kv_mask_BS: Array
+  ) -> tuple[Array, Cache]:
+    """`decode` without the LM head: (final-norm hidden states [B, T, D], new cache).
+
+    Same contract as `decode`, but the whole cache is the carry of the layer loop and each layer
+    writes its new slots in place, so a decode loop over donated state never copies the cache (the
+    sampler's path). The caller applies `logits` to the positions it needs (the last, at prefill).
+    """
+    cfg = self.cfg
+    t = tokens_BT.shape[1]
+    s = cache['k'].shape[2]
+    q_slot = cache_index + jnp.arange(t)
+    k_pos = positions_from_mask(kv_mask_BS)
+    mask_BTS = attention_mask(
+      q_slot, jnp.arange(s), positions_BT, k_pos, kv_mask_BS.astype(bool), cfg.sliding_window
+    )
+    inv_freq = rope_frequencies(cfg)
+    graphdef, stacked = nnx.split(self.layers)
+
+    def layer(carry, layer_state, i):
+      x, kv = carry
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, positions_BT, mask_BTS, inv_freq, kv, cache_index, layer=i)
+
+    carry = (self._embed(tokens_BT), (cache['k'], cache['v']))
+    if cfg.scan_layers:
+      layer_ids = jnp.arange(cfg.num_layers)
+      carry, _ = jax.lax.scan(lambda c, xs: (layer(c, *xs), None), carry, (stacked, layer_ids))
+    else:
+      for i in range(cfg.num_layers):
+        carry = layer(carry, jax.tree.map(lambda p, i=i: p[i], stacked), i)
+    x, (k_all, v_all) = carry
+    return self.final_norm(x), {'k': k_all, 'v': v_all}
 
 
 def num_params(state: Any) -> int:

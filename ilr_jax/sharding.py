@@ -9,12 +9,14 @@ TPU slice; only the mesh shape changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,6 +40,27 @@ TRAIN_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 DECODE_RULES = tuple((name, None if axis == 'fsdp' else axis) for name, axis in TRAIN_RULES)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes; one of them may be -1 (all remaining devices)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+def mesh_from_config(cfg: MeshConfig | Mapping[str, int]) -> Mesh:
+  """The mesh of a MeshConfig or of a config section with fields data, fsdp and tensor."""
+  if isinstance(cfg, MeshConfig):
+    return make_mesh(cfg.data, cfg.fsdp, cfg.tensor)
+  # A plain mapping or an ml_collections ConfigDict section.
+  sizes = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f'unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}')
+  return make_mesh(**{k: int(v) for k, v in sizes.items()})
+
+
 def make_mesh(
   data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
@@ -59,7 +82,7 @@ def make_mesh(
       f'{int(np.prod(sizes))} devices, but {len(devices)} are available'
     )
   if len(devices) > 1 and jax.process_count() == 1:
-    grid = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
+    grid = mesh_utils.create_device_mesh(sizes, devices)
   else:
     grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, MESH_AXES)
@@ -90,6 +113,10 @@ def logical_to_spec(names: Sequence[str | None] | None, rules=TRAIN_RULES) -> P:
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   # A dimension that the mesh axis does not divide stays replicated (e.g. 1 kv head over tensor=4).
+  if len(spec) > len(shape):
+    # Names of a differently shaped array (Adafactor's factored moments carry their parameter's
+    # metadata): they do not describe this array's dimensions, so it stays replicated.
+    return P()
   out = []
   for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axis is not None and dim % mesh.shape[axis]:
@@ -112,9 +139,58 @@ def state_shardings(state: Any, mesh: Mesh, rules=TRAIN_RULES) -> Any:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) dimension over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
+  """Dimension `batch_axis` (default the leading one) over data x fsdp, the rest replicated.
+
+  `batch_axis=1` is the layout of accumulated batches [A, M, ...]: the A micro-batches are steps
+  of a scan and each micro-batch is split over the devices.
+  """
+  axes = [None] * ndim
+  axes[batch_axis] = BATCH
+  return NamedSharding(mesh, P(*axes))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  """The number of batch shards: a batch dimension must be a multiple of this."""
+  return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def put(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """Place a host array (the same global value on every process) into `sharding`.
+
+  Each process copies only the shards its devices hold, so this works on multi-host slices too.
+  """
+  host = np.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, batch_axis: int = 0) -> dict:
+  """Place a dict of host arrays with dimension `batch_axis` split over data x fsdp."""
+  n = batch_size_multiple(mesh)
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.ndim <= batch_axis or value.shape[batch_axis] % n:
+      raise ValueError(
+        f'batch field {key!r} of shape {value.shape} cannot be split over {n} batch shards '
+        f'along axis {batch_axis}'
+      )
+    out[key] = put(value, batch_sharding(mesh, value.ndim, batch_axis))
+  return out
+
+
+def tree_shardings(tree: Any) -> Any:
+  """The shardings of a pytree of placed arrays (for jit's in/out shardings)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh that a pytree's arrays are placed on, or None if they carry no NamedSharding."""
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, 'sharding', None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  return None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -24,3 +24,59 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f'{SHARED_DATA} is absent: the shared datasets exist only on the project machines')
   return SHARED_DATA
+
+
+TINY_HF = dict(
+  vocab_size=128,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=128,
+)
+
+
+def tiny_hf_config(arch: str, classification: bool = False, **overrides):
+  """A tiny transformers config of `arch` ('gemma', 'mistral', 'llama')."""
+  import transformers
+
+  cls = {
+    'gemma': transformers.GemmaConfig,
+    'mistral': transformers.MistralConfig,
+    'llama': transformers.LlamaConfig,
+  }[arch]
+  kw = dict(TINY_HF, **overrides)
+  if classification:
+    kw.setdefault('num_labels', 2)
+    kw.setdefault('pad_token_id', 0)
+  return cls(**kw)
+
+
+def save_tiny_hf(path, arch: str, classification: bool = False, seed: int = 0, **overrides):
+  """Random-weight transformers model saved with `save_pretrained`; returns the torch model."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  cfg = tiny_hf_config(arch, classification, **overrides)
+  auto = (
+    transformers.AutoModelForSequenceClassification
+    if classification
+    else transformers.AutoModelForCausalLM
+  )
+  model = auto.from_config(cfg).eval()
+  model.save_pretrained(path)
+  return model
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+  """Factory: tiny_hf(arch, classification=False, **config) -> (model_dir, torch_model)."""
+  counter = iter(range(1000))
+
+  def make(arch, classification=False, **overrides):
+    path = tmp_path / f'{arch}-{next(counter)}'
+    return path, save_tiny_hf(path, arch, classification, **overrides)
+
+  return make
