@@ -506,7 +506,7 @@ def save_checkpoint(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir
   tmp = out.parent / f'{out.name}.tmp-{os.getpid()}'
   if tmp.exists():
     shutil.rmtree(tmp)
-  params = nnx.state(model).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp / 'params', params)
     ckptr.wait_until_finished()
