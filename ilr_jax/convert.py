@@ -458,6 +458,7 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -
 
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + '.tmp-', dir=out.parent))
+  written = False
   try:
     if jax.process_index() == 0:
       write_safetensors(tmp, tensors(), specs)
@@ -468,9 +469,10 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -
     else:
       for _ in tensors():  # every process joins the gathers
         pass
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    written = True
+  finally:
+    if not written:  # an interrupted export leaves no half-written directory behind
+      shutil.rmtree(tmp, ignore_errors=True)
   if jax.process_index() == 0:
     if out.exists():
       out.rmdir()
