@@ -1,0 +1,520 @@
+"""The pairwise evaluator: comparison data, classifier training, and P(proposal better) scorers.
+
+METHOD.md "Evaluator data and training". The evaluator simulates unreliable comparison feedback;
+ILR and SFT+DPO both consume it through one interface, `Scorer`:
+
+  scores = scorer(questions, currents, proposals)   # float64[N], P(proposal better than current)
+
+Two scorers implement it: `EvaluatorScorer` (a trained 2-class score-head model) and
+`OracleScorer` (ground-truth grading, the `ora` variants).
+
+Token convention of a comparison prompt: `[BOS] + tok.encode(comparison_prompt(q, a, b))`, with
+no SFT template around it (the evaluator is a classifier, not a chat model). Training examples and
+scored prompts are tokenized by the same function, `comparison_ids`.
+
+Too-long prompts: every prompt must fit `max_len` tokens (default: the model's
+`max_position_embeddings`). With `too_long='error'` (default) a longer prompt is a one-line error
+naming its length. With `too_long='truncate'` the tails of the two answers are cut, the longer
+answer first, until the prompt fits; the question and the closing instruction are never cut, since
+the score is read at the prompt's last token, right after the instruction. Both orders of a pair
+use the same cut answers. The number of truncated pairs is logged.
+
+Two-order score: for a pair (current A, proposal B) the scorer runs both prompts, (A, B) and
+(B, A), in the same device call and returns mean(P(accept | A, B), P(reject | B, A)). Since a
+softmax over 2 classes gives P(reject) = 1 - P(accept), score(A, B) + score(B, A) = 1 up to float
+rounding. `swap_second_order=False` is the released DPO code's mistake, kept only as an explicit
+ablation: the second prompt is again (A, B), so every score is 0.5 up to rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.sharding import Mesh
+
+from ilr_jax import comparisons
+from ilr_jax import sharding as shd
+from ilr_jax import workdir as wd
+from ilr_jax.comparisons import ACCEPT, REJECT, comparison_prompt
+from ilr_jax.model import Decoder
+from ilr_jax.tokens import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TOO_LONG = ('error', 'truncate')
+
+
+# -- the interface -----------------------------------------------------------------------------
+
+
+class Scorer(Protocol):
+  """Comparison feedback: P(proposal better than current) for each (question, current, proposal)."""
+
+  def __call__(
+    self, questions: Sequence[str], currents: Sequence[str], proposals: Sequence[str]
+  ) -> np.ndarray:
+    """float64[N] in [0, 1]."""
+    ...
+
+
+def _check_triples(questions, currents, proposals) -> None:
+  if not len(questions) == len(currents) == len(proposals):
+    raise ValueError(
+      f'got {len(questions)} questions, {len(currents)} currents and {len(proposals)} proposals; '
+      'they must have the same length'
+    )
+
+
+# -- tokens of a comparison prompt -------------------------------------------------------------
+
+
+def comparison_ids(tok: Tokenizer, question: str, a: str, b: str) -> list[int]:
+  """[BOS] + the comparison prompt "change answer (A) to (B)?"; the one tokenization of it."""
+  bos = [tok.bos_id] if tok.bos_id is not None else []
+  return bos + tok.encode(comparison_prompt(question, a, b))
+
+
+def fit_pair(
+  tok: Tokenizer, question: str, a: str, b: str, max_len: int, too_long: str = 'error'
+) -> tuple[list[int], list[int], bool]:
+  """Token ids of both orders of a pair, (A, B) and (B, A), each at most `max_len` long.
+
+  Returns:
+    (ids of (A, B), ids of (B, A), whether the answers were truncated). See the module docstring
+    for `too_long`.
+  """
+  if too_long not in TOO_LONG:
+    raise ValueError(f'too_long must be one of {TOO_LONG}, got {too_long!r}')
+  ab, ba = comparison_ids(tok, question, a, b), comparison_ids(tok, question, b, a)
+  if max(len(ab), len(ba)) <= max_len:
+    return ab, ba, False
+  if too_long == 'error':
+    raise ValueError(
+      f'a comparison prompt has {max(len(ab), len(ba))} tokens, more than max_len={max_len} '
+      f"(question starts {question[:40]!r}); raise max_len or pass too_long='truncate'"
+    )
+  a_ids, b_ids = tok.encode(a), tok.encode(b)
+  while max(len(ab), len(ba)) > max_len:
+    excess = max(len(ab), len(ba)) - max_len
+    if not a_ids and not b_ids:
+      raise ValueError(
+        f'the question alone makes a comparison prompt of {len(ab)} tokens, more than '
+        f'max_len={max_len} (question starts {question[:40]!r})'
+      )
+    # Cut the longer answer; the decode/encode round trip may shift a token, so re-measure.
+    if len(a_ids) >= len(b_ids):
+      a_ids = a_ids[: max(0, len(a_ids) - excess)]
+    else:
+      b_ids = b_ids[: max(0, len(b_ids) - excess)]
+    a, b = tok.decode(a_ids), tok.decode(b_ids)
+    ab, ba = comparison_ids(tok, question, a, b), comparison_ids(tok, question, b, a)
+  return ab, ba, True
+
+
+def encode_examples(
+  tok: Tokenizer, rows: Sequence[Mapping[str, Any]], max_len: int, too_long: str = 'error'
+) -> tuple[list[list[int]], np.ndarray]:
+  """Token ids and int32 labels of classification rows {question, a, b, label} (as the scorer
+  tokenizes, truncation included, so training and scoring see the same prompts)."""
+  ids, cut = [], 0
+  for r in rows:
+    ab, _, was_cut = fit_pair(tok, r['question'], r['a'], r['b'], max_len, too_long)
+    ids.append(ab)
+    cut += was_cut
+  if cut:
+    log.warning('truncated the answers of %d of %d examples to max_len=%d', cut, len(ids), max_len)
+  return ids, np.asarray([r['label'] for r in rows], np.int32)
+
+
+# -- comparison data -------------------------------------------------------------------------
+
+
+def comparison_dataset(
+  questions: Sequence[str],
+  references: Sequence[str],
+  samples: Sequence[Sequence[str]],
+  correct: Sequence[Sequence[bool]],
+  *,
+  seed: int = 0,
+  val_frac: float = 0.1,
+  ids: Sequence[str] | None = None,
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+  """Classification examples from graded checkpoint samples (comparisons.py has the rules).
+
+  Pairs are drawn question by question, in order, from one `np.random.default_rng(seed)`; the
+  90/10 split is over questions (`comparisons.train_val_split(n, val_frac, seed)`).
+
+  Args:
+    questions, references: the half-A questions and their ground-truth answers.
+    samples: samples[i][j] is checkpoint i's answer to question j (checkpoint order).
+    correct: correct[i][j], whether that answer is correct.
+    ids: optional question ids (default: the question's index).
+
+  Returns:
+    (DatasetDict with 'train' and 'validation' splits of rows {text, label, kind, weight,
+    question_id, question, a, b} (text is the comparison prompt of question, a and b),
+    counts {split: {pairs per kind, 'pairs', 'examples', 'questions'}}).
+  """
+  n = len(questions)
+  if len(references) != n:
+    raise ValueError(f'{n} questions but {len(references)} references')
+  ids = [str(j) for j in range(n)] if ids is None else [str(x) for x in ids]
+  if len(ids) != n:
+    raise ValueError(f'{n} questions but {len(ids)} ids')
+  for i, (s_i, c_i) in enumerate(zip(samples, correct)):
+    if len(s_i) != n or len(c_i) != n:
+      raise ValueError(
+        f'checkpoint {i} has {len(s_i)} samples and {len(c_i)} grades for {n} questions'
+      )
+  if len(samples) != len(correct):
+    raise ValueError(f'{len(samples)} checkpoints of samples but {len(correct)} of grades')
+  rng = np.random.default_rng(seed)
+  pairs = [
+    comparisons.build_pairs(
+      references[j], [s[j] for s in samples], [bool(c[j]) for c in correct], rng
+    )
+    for j in range(n)
+  ]
+  splits, counts = {}, {}
+  for name, idx in zip(('train', 'validation'), comparisons.train_val_split(n, val_frac, seed)):
+    rows = []
+    for j in idx:
+      for pair in pairs[j]:
+        exs = comparisons.pairs_to_examples(questions[j], [pair])
+        sides = ((pair.better, pair.worse), (pair.worse, pair.better))
+        for ex, (a, b) in zip(exs, sides):
+          rows.append(
+            dict(ex, weight=pair.weight, question_id=ids[j], question=questions[j], a=a, b=b)
+          )
+    split_pairs = [p for j in idx for p in pairs[j]]
+    counts[name] = dict(
+      comparisons.pair_kind_counts(split_pairs),
+      pairs=len(split_pairs),
+      examples=len(rows),
+      questions=len(idx),
+    )
+    features = datasets.Features(
+      text=datasets.Value('string'),
+      label=datasets.ClassLabel(names=['reject', 'accept']),
+      kind=datasets.Value('string'),
+      weight=datasets.Value('float64'),
+      question_id=datasets.Value('string'),
+      question=datasets.Value('string'),
+      a=datasets.Value('string'),
+      b=datasets.Value('string'),
+    )
+    splits[name] = datasets.Dataset.from_list(rows, features=features)
+  return datasets.DatasetDict(splits), counts
+
+
+def save_comparison_data(
+  out_dir: str | os.PathLike, data: datasets.DatasetDict, counts: dict[str, Any]
+) -> None:
+  """Write the HF dataset and `counts.json` into `out_dir` atomically."""
+  with wd.atomic_dir(out_dir) as tmp:
+    data.save_to_disk(os.fspath(tmp / 'dataset'))
+    wd.write_json(tmp / 'counts.json', counts)
+
+
+def load_comparison_data(out_dir: str | os.PathLike) -> tuple[datasets.DatasetDict, dict]:
+  """The (dataset, counts) that `save_comparison_data` wrote."""
+  path = pathlib.Path(out_dir)
+  if not (path / 'counts.json').exists():
+    raise FileNotFoundError(f'{path} holds no comparison data (no counts.json)')
+  return datasets.load_from_disk(os.fspath(path / 'dataset')), wd.read_json(path / 'counts.json')
+
+
+# -- the model scorer --------------------------------------------------------------------------
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def model_mesh(model: nnx.Module) -> Mesh:
+  """The mesh the model's parameters live on; a one-device mesh for an unsharded model."""
+  mesh = shd.mesh_of(nnx.state(model))
+  return mesh if mesh is not None else shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def with_score_head(
+  model: Decoder,
+  num_labels: int = 2,
+  *,
+  seed: int = 0,
+  mesh: Mesh | None = None,
+  rules=shd.TRAIN_RULES,
+) -> Decoder:
+  """The evaluator's starting point: `model`'s trunk with a fresh `num_labels`-class score head.
+
+  The trunk's arrays are reused, not copied; an LM head is dropped. The head is initialised as
+  HF's `*ForSequenceClassification` does (normal, std 0.02) from `seed` and placed by `rules` on
+  `mesh` (default: the model's mesh). For an HF causal-LM directory:
+  `with_score_head(convert.load_hf(dir, mesh=mesh))`.
+  """
+  if model.cfg.num_labels:
+    raise ValueError(f'model already has a {model.cfg.num_labels}-class score head')
+  cfg = model.cfg.replace(num_labels=num_labels)
+  mesh = mesh if mesh is not None else model_mesh(model)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))
+  shardings = dict(nnx.to_flat_state(shd.state_shardings(abstract, mesh, rules)))
+  source = dict(nnx.to_flat_state(nnx.state(model)))
+  flat = {}
+  for path, var in nnx.to_flat_state(abstract):
+    if path in source:
+      value = source[path][...]
+    else:
+      kernel = 0.02 * jax.random.normal(jax.random.key(seed), var.shape, jnp.float32)
+      value = jax.device_put(kernel.astype(var.dtype), shardings[path])
+    flat[path] = var.replace(value)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+class EvaluatorScorer:
+  """P(proposal better than current) from a 2-class score-head Decoder, both orders, batched.
+
+  The model's state is placed once by `rules` on `mesh` (a no-op when it already lives there) and
+  the forward pass is jitted with explicit shardings: rows over the mesh's batch axes, parameters
+  by their logical names, results replicated. A device call holds `batch_size` pairs, i.e.
+  2 x batch_size rows (rounded up so that the batch axes divide them): the (current, proposal)
+  prompts in the first half, the (proposal, current) prompts in the second. Pairs are sorted by
+  length and each batch is right-padded to a multiple of `bucket` tokens, so the function compiles
+  once per bucket length; results go back to the caller's order. A row's score depends neither on
+  the other rows of its batch nor on its padding (positions come from the mask).
+
+  Args:
+    model: a Decoder with `cfg.num_labels == 2` (index REJECT = 0, ACCEPT = 1).
+    tok: the tokenizer the evaluator was trained with.
+    batch_size: pairs per device call.
+    bucket: padded lengths are multiples of this.
+    max_len: the longest allowed prompt (default: the model's max_position_embeddings).
+    too_long: 'error' or 'truncate' (module docstring).
+    swap_second_order: False reproduces the released DPO code's unswapped second prompt (every
+      score 0.5); an ablation only.
+    mesh: where to run (default: the mesh the model lives on).
+    rules: logical-axis rules for the parameters.
+    progress: show a progress bar.
+  """
+
+  def __init__(
+    self,
+    model: Decoder,
+    tok: Tokenizer,
+    *,
+    batch_size: int = 16,
+    bucket: int = 64,
+    max_len: int | None = None,
+    too_long: str = 'error',
+    swap_second_order: bool = True,
+    mesh: Mesh | None = None,
+    rules=shd.TRAIN_RULES,
+    progress: bool = True,
+  ):
+    if model.cfg.num_labels != 2:
+      raise ValueError(
+        f'the evaluator needs a 2-class score head, got num_labels={model.cfg.num_labels}'
+      )
+    if batch_size < 1 or bucket < 1:
+      raise ValueError(f'batch_size and bucket must be >= 1, got {batch_size} and {bucket}')
+    if too_long not in TOO_LONG:
+      raise ValueError(f'too_long must be one of {TOO_LONG}, got {too_long!r}')
+    self.tok = tok
+    self.batch_size = batch_size
+    self.bucket = bucket
+    self.max_len = max_len or model.cfg.max_position_embeddings
+    self.too_long = too_long
+    self.swap_second_order = swap_second_order
+    self.progress = progress
+    self.mesh = mesh if mesh is not None else model_mesh(model)
+    num_shards = shd.batch_size_multiple(self.mesh)
+    # 2 x half rows must split evenly over the batch shards.
+    self.half = _round_up(batch_size, num_shards // math.gcd(num_shards, 2))
+    graphdef, state = nnx.split(model)
+    state_sh = shd.state_shardings(state, self.mesh, rules)
+    self.state = jax.device_put(state, state_sh)
+    self._rows = shd.batch_sharding(self.mesh, 2)
+    half = self.half
+
+    def logits(state, tokens_BT, mask_BT):
+      return nnx.merge(graphdef, state).score(tokens_BT, mask_BT)
+
+    def scores(state, tokens_BT, mask_BT):
+      p_BC = jax.nn.softmax(logits(state, tokens_BT, mask_BT), axis=-1)
+      return 0.5 * (p_BC[:half, ACCEPT] + p_BC[half:, REJECT])
+
+    rows, rep = self._rows, shd.replicated(self.mesh)
+    self._logits = jax.jit(logits, in_shardings=(state_sh, rows, rows), out_shardings=rows)
+    self._scores = jax.jit(scores, in_shardings=(state_sh, rows, rows), out_shardings=rep)
+
+  def classify(
+    self, tokens_BT: np.ndarray | jax.Array, mask_BT: np.ndarray | jax.Array
+  ) -> jax.Array:
+    """Score-head logits [B, 2] (float32) of a right- or left-padded batch, on the device.
+
+    Takes host arrays or arrays from `place`; B must be a multiple of the mesh's batch shards.
+    """
+    n = shd.batch_size_multiple(self.mesh)
+    if tokens_BT.shape != mask_BT.shape or tokens_BT.ndim != 2 or tokens_BT.shape[0] % n:
+      raise ValueError(
+        f'tokens {tokens_BT.shape} and mask {mask_BT.shape} must be equal [B, T] with B a '
+        f'multiple of {n}'
+      )
+    return self._logits(self.state, self.place(tokens_BT), self.place(mask_BT))
+
+  def place(self, x_BT: np.ndarray | jax.Array) -> jax.Array:
+    """A host [B, T] int array placed with the rows' sharding (a placed array is left as is)."""
+    if isinstance(x_BT, jax.Array):
+      return x_BT
+    return shd.put(np.asarray(x_BT, np.int32), self._rows)
+
+  def tokenize(
+    self, questions: Sequence[str], currents: Sequence[str], proposals: Sequence[str]
+  ) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the (current, proposal) and the second-order prompt of every pair."""
+    _check_triples(questions, currents, proposals)
+    firsts, seconds, cut = [], [], 0
+    for q, cur, prop in zip(questions, currents, proposals):
+      ab, ba, was_cut = fit_pair(self.tok, q, cur, prop, self.max_len, self.too_long)
+      firsts.append(ab)
+      seconds.append(ba if self.swap_second_order else ab)
+      cut += was_cut
+    if cut:
+      log.warning(
+        'truncated the answers of %d of %d pairs to fit max_len=%d', cut, len(firsts), self.max_len
+      )
+    return firsts, seconds
+
+  def _batch(self, firsts, seconds, idx) -> tuple[np.ndarray, np.ndarray]:
+    longest = max(max(len(firsts[i]), len(seconds[i])) for i in idx)
+    length = _round_up(longest, self.bucket)
+    tokens = np.full((2 * self.half, length), self.tok.pad_id, np.int32)
+    mask = np.zeros((2 * self.half, length), np.int32)
+    # Filler rows hold one (padding) token so that no row is empty; their scores are dropped.
+    mask[:, 0] = 1
+    for r, i in enumerate(idx):
+      for row, ids in ((r, firsts[i]), (self.half + r, seconds[i])):
+        tokens[row, : len(ids)] = ids
+        mask[row, len(ids) :] = 0
+        mask[row, : len(ids)] = 1
+    return tokens, mask
+
+  def score_ids(
+    self, firsts: Sequence[Sequence[int]], seconds: Sequence[Sequence[int]]
+  ) -> np.ndarray:
+    """float64[N]: mean(P(accept | firsts[i]), P(reject | seconds[i])) for token-id prompts."""
+    if len(firsts) != len(seconds):
+      raise ValueError(f'{len(firsts)} first-order prompts but {len(seconds)} second-order ones')
+    n = len(firsts)
+    out = np.zeros(n, np.float64)
+    if not n:
+      return out
+    if min(min(len(a), len(b)) for a, b in zip(firsts, seconds)) == 0:
+      raise ValueError('an empty prompt cannot be scored')
+    lengths = np.asarray([max(len(a), len(b)) for a, b in zip(firsts, seconds)])
+    order = np.argsort(-lengths, kind='stable')  # longest first: a memory problem shows at once
+    batches = [order[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
+    start, tokens_seen = time.perf_counter(), 0
+    pending = None  # one call in flight while the host pads the next batch
+
+    def collect(item):
+      idx, result = item
+      out[idx] = np.asarray(result)[: len(idx)]
+
+    for idx in tqdm.tqdm(batches, desc='evaluator', unit='batch', disable=not self.progress):
+      tokens, mask = self._batch(firsts, seconds, idx)
+      tokens_seen += tokens.size
+      result = self._scores(self.state, shd.put(tokens, self._rows), shd.put(mask, self._rows))
+      if pending is not None:
+        collect(pending)
+      pending = (idx, result)
+    collect(pending)
+    elapsed = time.perf_counter() - start
+    log.info(
+      'evaluator scored %d pairs in %.1f s (%.1f pairs/s, %.0f padded tokens/s, %d batches)',
+      n,
+      elapsed,
+      n / elapsed,
+      tokens_seen / elapsed,
+      len(batches),
+    )
+    return out
+
+  def __call__(
+    self, questions: Sequence[str], currents: Sequence[str], proposals: Sequence[str]
+  ) -> np.ndarray:
+    """float64[N]: P(proposal better than current) = mean(P(accept | cur, prop),
+    P(reject | prop, cur))."""
+    return self.score_ids(*self.tokenize(questions, currents, proposals))
+
+
+def score_pairs(
+  model: Decoder,
+  tok: Tokenizer,
+  questions: Sequence[str],
+  currents: Sequence[str],
+  proposals: Sequence[str],
+  *,
+  batch_size: int = 16,
+  swap_second_order: bool = True,
+  **options,
+) -> np.ndarray:
+  """P(proposal better than current) for every pair; `EvaluatorScorer` once (options: its args)."""
+  scorer = EvaluatorScorer(
+    model, tok, batch_size=batch_size, swap_second_order=swap_second_order, **options
+  )
+  return scorer(questions, currents, proposals)
+
+
+# -- the oracle scorer -------------------------------------------------------------------------
+
+
+class OracleScorer:
+  """Reliable comparison feedback for the `ora` variants: the proposal's ground-truth grade.
+
+  The score is the task's grade of the proposal against the question's reference: 1.0 / 0.0 for
+  exact-match tasks (GSM8K, arith, BIRD), the judge's win probability for SaferPaca. It does not
+  look at the current answer (as the released code; refine.oracle_replace thresholds it at 0.5).
+
+  Args:
+    task: a tasks.Task.
+    references: the Examples of the questions that may be scored (BIRD needs Examples: they name
+      the database), or a mapping question -> Example or reference text.
+  """
+
+  def __init__(self, task: Any, references: Sequence[Any] | Mapping[str, Any]):
+    self.task = task
+    if isinstance(references, Mapping):
+      self.references = dict(references)
+    else:
+      self.references = {}
+      for ex in references:
+        known = self.references.setdefault(ex.question, ex)
+        if known.answer != ex.answer:
+          raise ValueError(f'two references disagree for question {ex.question[:60]!r}')
+
+  def __call__(
+    self, questions: Sequence[str], currents: Sequence[str], proposals: Sequence[str]
+  ) -> np.ndarray:
+    """float64[N]: the grade of each proposal (the currents are not used)."""
+    _check_triples(questions, currents, proposals)
+    missing = [q for q in questions if q not in self.references]
+    if missing:
+      raise ValueError(
+        f'the oracle has no reference for {len(missing)} question(s), e.g. {missing[0][:60]!r}'
+      )
+    graded = self.task.grade_batch(list(proposals), [self.references[q] for q in questions])
+    if graded.failures:
+      log.info('oracle grading: %s', dict(graded.failures))
+    return np.asarray(graded.scores, np.float64)

@@ -1,0 +1,221 @@
+"""The evaluator: comparison data, the two-order pair scorer, the oracle scorer, training."""
+
+import re
+import zlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ilr_jax import comparisons, evaluator, tasks, train
+from ilr_jax import sharding as shd
+from ilr_jax.model import Decoder, ModelConfig
+from ilr_jax.tokens import Tokenizer, pad_batch
+
+CFG = ModelConfig(
+  arch='llama',
+  vocab_size=128,
+  hidden_size=32,
+  intermediate_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  max_position_embeddings=1024,
+  bos_token_id=1,
+  eos_token_ids=(2,),
+)
+
+
+def char_tokenizer() -> Tokenizer:
+  """Bytes 32..126 -> ids 3..97, newline -> 98; BOS 1, EOS 2, PAD 0: a tokenizer with no files."""
+
+  def encode(text):
+    return [98 if c == '\n' else 3 + ord(c) - 32 for c in text]
+
+  def decode(ids):
+    return ''.join('\n' if i == 98 else chr(i - 3 + 32) for i in ids if 3 <= i <= 98)
+
+  return Tokenizer(
+    encode=encode, decode=decode, bos_id=1, eos_id=2, pad_id=0, vocab_size=128, source='chars'
+  )
+
+
+def word_tokenizer() -> Tokenizer:
+  """Words and newlines hashed to ids 3..127: short prompts for fast model tests (no decode)."""
+
+  def encode(text):
+    return [3 + zlib.crc32(w.encode()) % 125 for w in re.findall(r'\S+|\n', text)]
+
+  return Tokenizer(
+    encode=encode, decode=str, bos_id=1, eos_id=2, pad_id=0, vocab_size=128, source='words'
+  )
+
+
+CHARS, WORDS = char_tokenizer(), word_tokenizer()
+
+
+def good(i, filler=0):
+  return f'{i} + {i + 1} = {2 * i + 1}' + ' so' * filler + f'\n#### {2 * i + 1}'
+
+
+def bad(i, filler=0):
+  return f'I do not know {i}' + ' really' * filler
+
+
+# Held-out pairs in the trained format, of several lengths (buckets of 16 tokens).
+QUESTIONS = [f'What is {i} + {i + 1}?' for i in (20, 21, 22, 23, 24)]
+CURRENTS = [good(20), bad(21, 9), good(22, 20), bad(23), bad(24, 3)]
+PROPOSALS = [bad(20, 2), good(21), bad(22), good(23, 14), good(24)]
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return shd.make_mesh(2, 2, 2)
+
+
+@pytest.fixture(scope='module')
+def base(mesh):
+  return shd.create_sharded(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), mesh)
+
+
+@pytest.fixture(scope='module')
+def trained(base, mesh):
+  """A tiny evaluator trained until it prefers worked answers ending in '####'."""
+  model = evaluator.with_score_head(base, seed=3)
+  rows = []
+  for i in range(8):
+    q = f'What is {i} + {i + 1}?'
+    rows.append(dict(question=q, a=good(i, i % 3), b=bad(i, i % 4), label=comparisons.REJECT))
+    rows.append(dict(question=q, a=bad(i, i % 4), b=good(i, i % 3), label=comparisons.ACCEPT))
+  ids, labels = evaluator.encode_examples(WORDS, rows, max_len=1024)
+  tokens, mask = pad_batch(ids, multiple=16)
+  cfg = train.TrainConfig(
+    lr=3e-3, schedule='constant', warmup_ratio=0.0, global_batch=16, clip_norm=None
+  )
+  trainer, state = train.make_trainer(model, 'classifier', cfg, 40, mesh=mesh)
+  placed = trainer.shard_batch(dict(tokens=tokens, mask=mask, labels=labels))
+  for _ in range(40):
+    state, metrics = trainer.train_step(state, placed)
+  assert float(metrics['loss']) < 0.3
+  return trainer.model(state)
+
+
+def test_comparison_ids_and_truncation():
+  ids = evaluator.comparison_ids(CHARS, 'q', 'a', 'b')
+  assert ids[0] == CHARS.bos_id
+  assert CHARS.decode(ids) == comparisons.comparison_prompt('q', 'a', 'b')
+  full = len(ids)
+  with pytest.raises(ValueError, match=f'max_len={full + 50} '):
+    evaluator.fit_pair(CHARS, 'q', 'a' * 50, 'b' * 10, max_len=full + 50)
+  ab, ba, cut = evaluator.fit_pair(
+    CHARS, 'q', 'a' * 50, 'b' * 10, max_len=full + 30, too_long='truncate'
+  )
+  assert cut and len(ab) == len(ba) == full + 30
+  # Only the tail of the longer answer is cut (50 -> 22); the closing instruction survives.
+  assert CHARS.decode(ab) == comparisons.comparison_prompt('q', 'a' * 22, 'b' * 10)
+  assert CHARS.decode(ba) == comparisons.comparison_prompt('q', 'b' * 10, 'a' * 22)
+  with pytest.raises(ValueError, match='question alone'):
+    evaluator.fit_pair(CHARS, 'q' * 100, 'a', 'b', max_len=full, too_long='truncate')
+  rows = [dict(question='q', a='a' * 50, b='b' * 10, label=1)]
+  ids, labels = evaluator.encode_examples(CHARS, rows, full + 30, too_long='truncate')
+  assert ids == [ab] and labels.tolist() == [1]
+
+
+def test_comparison_dataset_split_and_counts(tmp_path):
+  n = 40
+  questions = [f'q{j}' for j in range(n)]
+  refs = [f'gt{j}' for j in range(n)]
+  # 3 checkpoints, correctness by a fixed pattern, and 5 questions with no correct sample.
+  correct = [[(j + i) % 3 != 0 for j in range(n)] for i in range(3)]
+  for c in correct:
+    c[:5] = [False] * 5
+  samples = [[f's{i}q{j}' for j in range(n)] for i in range(3)]
+  data, counts = evaluator.comparison_dataset(questions, refs, samples, correct, seed=1)
+  assert set(data) == {'train', 'validation'}
+  assert counts['train']['questions'] == 36 and counts['validation']['questions'] == 4
+  for split in data:
+    rows = data[split].to_list()
+    c = counts[split]
+    assert c['examples'] == len(rows) == 2 * c['pairs']
+    assert c['pairs'] == sum(c[k] for k in comparisons.PAIR_KINDS)
+    # Both examples of a pair sit together: better first -> REJECT, then worse first -> ACCEPT.
+    for first, second in zip(rows[::2], rows[1::2]):
+      assert (first['label'], second['label']) == (comparisons.REJECT, comparisons.ACCEPT)
+      assert (first['a'], first['b']) == (second['b'], second['a'])
+      assert first['text'] == comparisons.comparison_prompt(
+        first['question'], first['a'], first['b']
+      )
+      if first['kind'] != 'correct>wrong':
+        assert first['a'] == refs[int(first['question_id'])]
+  assert all(counts['train'][k] + counts['validation'][k] > 0 for k in comparisons.PAIR_KINDS)
+  train_q = {r['question_id'] for r in data['train']}
+  assert not train_q & {r['question_id'] for r in data['validation']}
+  again, _ = evaluator.comparison_dataset(questions, refs, samples, correct, seed=1)
+  assert again['train'].to_list() == data['train'].to_list()
+  evaluator.save_comparison_data(tmp_path / 'evaluator_data', data, counts)
+  loaded, loaded_counts = evaluator.load_comparison_data(tmp_path / 'evaluator_data')
+  assert loaded_counts == counts and loaded['validation'].to_list() == data['validation'].to_list()
+  with pytest.raises(ValueError, match='checkpoint 1 has'):
+    evaluator.comparison_dataset(questions, refs, [samples[0], samples[1][:3]], correct[:2])
+
+
+def test_with_score_head_keeps_the_trunk(base):
+  model = evaluator.with_score_head(base)
+  assert model.cfg.num_labels == 2 and model.lm_head is None
+  assert model.layers.q.kernel[...] is base.layers.q.kernel[...]
+  assert model.score_head.kernel[...].shape == (CFG.hidden_size, 2)
+  assert 0.005 < float(np.std(np.asarray(model.score_head.kernel[...]))) < 0.05
+  with pytest.raises(ValueError, match='already has'):
+    evaluator.with_score_head(model)
+
+
+def test_batched_scores_equal_single_and_ignore_order_and_padding(trained, mesh):
+  batched = evaluator.EvaluatorScorer(trained, WORDS, batch_size=2, bucket=16, progress=False)
+  assert batched.mesh is mesh and jax.tree.leaves(batched.state)[0].sharding.mesh is mesh
+  scores = batched(QUESTIONS, CURRENTS, PROPOSALS)
+  # The trained evaluator prefers the worked answers, held-out ones included.
+  np.testing.assert_array_equal(scores > 0.5, [False, True, False, True, True])
+  assert np.abs(scores - 0.5).min() > 0.05
+  # score(a, b) + score(b, a) = 1.
+  np.testing.assert_allclose(batched(QUESTIONS, PROPOSALS, CURRENTS), 1 - scores, atol=1e-6)
+  # Batches are formed after sorting by length: a permutation changes which pairs share one.
+  perm = np.array([2, 0, 4, 3, 1])
+  permuted = batched(*([x[i] for i in perm] for x in (QUESTIONS, CURRENTS, PROPOSALS)))
+  np.testing.assert_allclose(permuted, scores[perm], atol=1e-6)
+  assert batched._scores._cache_size() >= 2  # several bucket lengths
+  # One pair per call, each padded to 128 tokens instead of the next multiple of 16.
+  single = evaluator.EvaluatorScorer(trained, WORDS, batch_size=1, bucket=128, progress=False)
+  one_by_one = [single([q], [c], [p])[0] for q, c, p in zip(QUESTIONS, CURRENTS, PROPOSALS)]
+  np.testing.assert_allclose(one_by_one, scores, atol=1e-6)
+  assert single._scores._cache_size() == 1  # one bucket length: one compilation
+  assert len(batched([], [], [])) == 0
+  with pytest.raises(ValueError, match='same length'):
+    batched(QUESTIONS, CURRENTS, PROPOSALS[:2])
+
+
+def test_unswapped_ablation_gives_one_half(trained):
+  ablation = evaluator.EvaluatorScorer(
+    trained, WORDS, batch_size=8, bucket=128, swap_second_order=False, progress=False
+  )
+  np.testing.assert_allclose(ablation(QUESTIONS, CURRENTS, PROPOSALS), 0.5, atol=1e-6)
+
+
+def test_scorer_rejects_a_model_without_two_classes():
+  lm = nnx.eval_shape(lambda: Decoder(CFG, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match='num_labels=None'):
+    evaluator.EvaluatorScorer(lm, WORDS)
+
+
+def test_oracle_scorer_grades_the_proposal():
+  task = tasks.get_task('arith')
+  refs = [tasks.Example('0', 'q0', '1 + 1 = 2\n#### 2'), tasks.Example('1', 'q1', '#### 10')]
+  oracle = evaluator.OracleScorer(task, refs)
+  got = oracle(['q1', 'q0', 'q0'], ['#### 10', '#### 3', '#### 2'], ['#### 10.0', '#### 2', 'x'])
+  np.testing.assert_array_equal(got, [1.0, 1.0, 0.0])
+  assert got.dtype == np.float64
+  by_text = evaluator.OracleScorer(task, {'q0': '#### 2'})
+  np.testing.assert_array_equal(by_text(['q0'], ['#### 2'], ['#### 5']), [0.0])
+  with pytest.raises(ValueError, match='no reference'):
+    oracle(['q9'], ['a'], ['b'])
