@@ -1,0 +1,160 @@
+"""LoRA adapters on the decoder: add a fresh one, merge it into the base, split trainable/frozen.
+
+The adapter lives in the model itself (model.Linear creates `lora_a` [.., in, R] and `lora_b`
+[R, ..out] as `nnx.LoRAParam` when `cfg.lora_rank > 0`), so a LoRA model is an ordinary Decoder
+whose config names the rank, alpha and targets. The layer computes W x + (alpha / R) B(A x).
+
+  * `add_lora(model, rank, alpha, targets, rng)`: the same base parameters (the arrays are reused,
+    not copied) plus a fresh adapter: A kaiming-uniform as PEFT, B zero, so the new model's outputs
+    equal the base model's. The adapter is created already sharded.
+  * `merge_lora(model)`: W + (alpha / R) A @ B for every adapted kernel; the result has
+    `lora_rank=0` and exports to Hugging Face like any base model.
+  * `trainable_filter(cfg)` / `split_trainable(model)`: with an adapter only the LoRAParams train
+    and the base is frozen (it is not held in optimizer state); without one every Param trains.
+
+Continuing from an earlier adapter (DPO continues the previous round's policy) needs nothing
+special: pass the LoRA model itself to `fit.fit`, which trains the adapter it already has. A saved
+adapter comes back with `fit.load_params(base_model, path)`, which adds it to a base model.
+
+Dropout on the adapter input is not implemented: `check_dropout` rejects a rate other than 0 (the
+paper uses none), rather than silently training without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ilr_jax import sharding as shd
+from ilr_jax.model import LORA_TARGETS, Decoder
+
+LORA_NAMES = ('lora_a', 'lora_b')
+
+
+def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+  """'all' (the paper's choice) or a list of LORA_TARGETS names -> a tuple of names."""
+  if isinstance(targets, str):
+    if targets == 'all':
+      return LORA_TARGETS
+    targets = [t.strip() for t in targets.split(',') if t.strip()]
+  targets = tuple(targets)
+  bad = sorted(set(targets) - set(LORA_TARGETS))
+  if bad or not targets:
+    raise ValueError(f"LoRA targets {bad or '()'} invalid; use 'all' or names from {LORA_TARGETS}")
+  return targets
+
+
+def check_dropout(rate: float) -> None:
+  """LoRA dropout is not implemented; only 0 (the paper's setting) is accepted."""
+  if rate != 0.0:
+    raise ValueError(f'lora_dropout={rate} is not supported; only 0 is (the paper uses no dropout)')
+
+
+def trainable_filter(cfg) -> type[nnx.Variable]:
+  """What trains: the LoRA parameters when the model has an adapter, else every parameter."""
+  return nnx.LoRAParam if cfg.lora_rank else nnx.Param
+
+
+def split_trainable(model: Decoder) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trainable, frozen) states; `nnx.merge(graphdef, trainable, frozen)` rebuilds it."""
+  return nnx.split(model, trainable_filter(model.cfg), ...)
+
+
+def _model_mesh(model: Decoder, mesh):
+  if mesh is not None:
+    return mesh
+  found = shd.mesh_of(nnx.state(model))
+  if found is not None:
+    return found
+  return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def add_lora(
+  model: Decoder,
+  rank: int,
+  alpha: float,
+  targets: str | Sequence[str] = 'all',
+  rng: int | jax.Array = 0,
+  *,
+  mesh=None,
+  rules=shd.TRAIN_RULES,
+) -> Decoder:
+  """A new Decoder: `model`'s base parameters plus a fresh rank-`rank` adapter on `targets`.
+
+  Args:
+    model: a base model (no adapter; merge an existing one first).
+    rank, alpha: the adapter's rank R and alpha (scale alpha / R).
+    targets: 'all' or names from model.LORA_TARGETS.
+    rng: seed or key of the adapter's A matrices.
+    mesh: where the adapter is created (default: the mesh the base parameters live on).
+  Returns:
+    the LoRA model; its outputs equal the base model's until B moves away from zero.
+  """
+  if model.cfg.lora_rank:
+    raise ValueError(
+      f'the model already has a rank-{model.cfg.lora_rank} adapter; merge_lora it first'
+    )
+  if rank <= 0:
+    raise ValueError(f'LoRA rank must be > 0, got {rank}')
+  cfg = model.cfg.replace(
+    lora_rank=int(rank), lora_alpha=float(alpha), lora_targets=resolve_targets(targets)
+  )
+  mesh = _model_mesh(model, mesh)
+
+  def build():
+    return Decoder(cfg, rngs=nnx.Rngs(rng))
+
+  graphdef, abstract_lora, _ = nnx.split(nnx.eval_shape(build), nnx.LoRAParam, ...)
+  shardings = shd.state_shardings(abstract_lora, mesh, rules)
+  # Only the adapter leaves the jit; XLA drops the unused base initialisers.
+  lora_state = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam), out_shardings=shardings)()
+  return nnx.merge(graphdef, lora_state, nnx.state(model))
+
+
+def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """kernel + scale * A @ B for kernel lead+in+out, A lead+in+(R,), B lead+(R,)+out."""
+  n_lead = (a.ndim - 1) + (b.ndim - 1) - kernel.ndim
+  lead = kernel.shape[:n_lead]
+  rank = a.shape[-1]
+  a2 = a.astype(jnp.float32).reshape(lead + (-1, rank))
+  b2 = b.astype(jnp.float32).reshape(lead + (rank, -1))
+  delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(kernel.shape)
+  return (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+
+
+def merge_lora(model: Decoder, *, mesh=None, rules=shd.TRAIN_RULES) -> Decoder:
+  """The base model with the adapter folded into its kernels (`lora_rank=0`), for export."""
+  cfg = model.cfg
+  if not cfg.lora_rank:
+    raise ValueError('the model has no LoRA adapter to merge')
+  new_cfg = cfg.replace(lora_rank=0, lora_alpha=0.0)
+  mesh = _model_mesh(model, mesh)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(new_cfg, rngs=nnx.Rngs(0))))
+  shardings = shd.state_shardings(abstract, mesh, rules)
+  scale = cfg.lora_scale
+
+  def merge(state):
+    flat = dict(nnx.to_flat_state(state))
+    out = {}
+    for path, var in flat.items():
+      if path[-1] in LORA_NAMES:
+        continue
+      lora_a = flat.get(path[:-1] + ('lora_a',))
+      if path[-1] == 'kernel' and lora_a is not None:
+        lora_b = flat[path[:-1] + ('lora_b',)]
+        var = var.replace(merged_kernel(var[...], lora_a[...], lora_b[...], scale))
+      out[path] = var
+    return nnx.from_flat_state(out)
+
+  state = jax.jit(merge, out_shardings=shardings)(nnx.state(model))
+  return nnx.merge(graphdef, state)
+
+
+def num_trainable(model: Decoder) -> int:
+  """Number of trainable parameters (the adapter's under LoRA)."""
+  _, trainable, _ = split_trainable(model)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
