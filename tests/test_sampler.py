@@ -1,0 +1,401 @@
+"""Sampler: golden greedy and beam search against transformers, sample frequencies, cache
+consistency, batch invariance, sharding and the in-place cache update."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ilr_jax import convert
+from ilr_jax import sampler as S
+from ilr_jax import sharding as shd
+from ilr_jax.model import Decoder, ModelConfig
+
+V = 64
+EOS, PAD = 2, 0
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(cfg: ModelConfig, seed: int):
+  # Random init (std 0.02) gives nearly uniform logits, whose near-ties make argmax comparisons
+  # flaky; larger weights give peaked, tie-free distributions. Jitted: eager init is slow.
+  state = nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
+  return jax.tree.map(lambda x: x * 5.0, state)
+
+
+def _model(seed=0, **overrides) -> Decoder:
+  kw = dict(
+    arch='llama',
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(EOS,),
+  )
+  kw.update(overrides)
+  cfg = ModelConfig(**kw)
+  graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))[0]
+  return nnx.merge(graphdef, _init(cfg, seed))
+
+
+@pytest.fixture(scope='module')
+def model():
+  return _model()
+
+
+def _prompts(rng, n, lo=1, hi=12, vocab=V):
+  lens = rng.integers(lo, hi + 1, n)
+  return [[1] + [int(t) for t in rng.integers(3, vocab, k - 1)] for k in lens]
+
+
+def _left(seqs, length=None):
+  length = length or max(map(len, seqs))
+  toks = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros_like(toks)
+  for i, s in enumerate(seqs):
+    toks[i, length - len(s) :] = s
+    mask[i, length - len(s) :] = 1
+  return toks, mask
+
+
+@jax.jit
+def _forward(graphdef, state, tokens, mask):
+  return nnx.merge(graphdef, state)(tokens, mask)
+
+
+def _recompute_logits(model, seq, length=64):
+  """Full forward pass without a cache (right-padded to one length: one compilation)."""
+  toks = np.zeros((1, length), np.int32)
+  toks[0, : len(seq)] = seq
+  mask = (np.arange(length) < len(seq)).astype(np.int32)[None]
+  graphdef, state = nnx.split(model)
+  return np.asarray(_forward(graphdef, state, toks, mask)[0, : len(seq)], np.float64)
+
+
+# -- golden comparisons with transformers ------------------------------------------------------
+
+
+def _save_hf(path, arch, seed, eos_boost=1.0):
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  cls = {
+    'gemma': transformers.GemmaConfig,
+    'mistral': transformers.MistralConfig,
+    'llama': transformers.LlamaConfig,
+  }[arch]
+  cfg = cls(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1 if arch == 'gemma' else 2,
+    head_dim=8,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=EOS,
+    pad_token_id=PAD,
+  )
+  hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.mul_(5.0)  # peaked distributions, see _sharpen
+    hf.get_output_embeddings().weight[EOS] *= eos_boost  # makes EOS frequent (finishing rules)
+  hf.save_pretrained(path)
+  return hf
+
+
+def _check_tokens(model, prompt, ours, ref, tol=1e-4):
+  """ours == ref token by token; a difference is allowed only at an exact tie of our logits (then
+  the rest is not compared). Returns True when identical."""
+  for t, (a, b) in enumerate(zip(ours, ref)):
+    if a != b:
+      logits = _recompute_logits(model, list(prompt) + list(ours[:t]))[-1]
+      assert abs(logits[a] - logits[b]) < tol, f'token {t}: ours {a}, transformers {b}'
+      return False
+  return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', ['gemma', 'mistral', 'llama'])
+def test_greedy_matches_transformers(tmp_path, arch):
+  import torch
+
+  # Gemma ties its embeddings, so its EOS row needs a larger boost to be chosen at times.
+  hf = _save_hf(tmp_path / arch, arch, seed=0, eos_boost=3.0 if arch == 'gemma' else 1.5)
+  seqs = _prompts(np.random.default_rng(1), 16, 1, 20, vocab=128)
+  toks, mask = _left(seqs)
+  with torch.no_grad():
+    ref = hf.generate(
+      torch.tensor(toks, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      do_sample=False,
+      num_beams=1,
+      max_new_tokens=32,
+      pad_token_id=PAD,
+      eos_token_id=EOS,
+    )[:, toks.shape[1] :].numpy()
+  model = convert.load_hf(tmp_path / arch)
+  out = S.sample(model, toks, mask, S.Greedy(), max_new_tokens=32, stop_ids=(EOS,), pad_id=PAD)
+  same = 0
+  for i in range(16):
+    n = int(out.lengths[i, 0])
+    ours = out.tokens[i, 0, :n]
+    # transformers pads a finished row; ours must end where its EOS is.
+    ref_row = ref[i, : (list(ref[i]).index(EOS) + 1) if EOS in ref[i] else ref.shape[1]]
+    same += _check_tokens(model, seqs[i], ours, ref_row) and len(ours) == len(ref_row)
+    assert (out.tokens[i, 0, n:] == PAD).all()
+  assert same >= 15, f'{same}/16 rows identical'
+  assert out.stopped.any() and not out.stopped.all()  # both ways of ending are exercised
+
+
+@pytest.mark.slow
+def test_beam_search_matches_transformers(tmp_path):
+  import torch
+
+  hf = _save_hf(tmp_path / 'beam', 'llama', seed=1, eos_boost=3.0)
+  seqs = _prompts(np.random.default_rng(2), 32, 1, 20, vocab=128)
+  toks, mask = _left(seqs)
+  with torch.no_grad():
+    r = hf.generate(
+      torch.tensor(toks, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      do_sample=False,
+      num_beams=4,
+      length_penalty=1.0,
+      early_stopping=False,
+      max_new_tokens=16,
+      pad_token_id=PAD,
+      eos_token_id=EOS,
+      return_dict_in_generate=True,
+      output_scores=True,
+    )
+  ref = r.sequences[:, toks.shape[1] :].numpy()
+  ref_scores = r.sequences_scores.numpy()
+  model = convert.load_hf(tmp_path / 'beam')
+  out = S.sample(model, toks, mask, S.BeamSearch(4), max_new_tokens=16, stop_ids=(EOS,))
+  same = 0
+  for i in range(32):
+    n = int(out.lengths[i, 0])
+    ref_row = ref[i, : (list(ref[i]).index(EOS) + 1) if EOS in ref[i] else ref.shape[1]]
+    same += len(ref_row) == n and (out.tokens[i, 0, :n] == ref_row).all()
+    # Never a worse final beam than transformers' (float32 rounding aside).
+    assert out.scores[i, 0] >= ref_scores[i] - 1e-5
+  assert same >= 31, f'{same}/32 best beams identical'
+  assert 0 < out.stopped.sum() < 32  # finished and length-capped beams are both exercised
+
+
+# -- sampling distributions --------------------------------------------------------------------
+
+
+def chi2_critical(df: int, z: float = 3.0902) -> float:
+  """Chi-square quantile by the Wilson-Hilferty approximation; z = 3.0902 is the normal 0.999
+  quantile, so tests reject at significance 0.001 (within 3% of the exact value for df >= 1)."""
+  a = 2.0 / (9.0 * df)
+  return df * (1.0 - a + z * np.sqrt(a)) ** 3
+
+
+def _target(logits, temperature, top_k, top_p):
+  """transformers' warpers, written independently in numpy: temperature, top-k, top-p."""
+  x = np.asarray(logits, np.float64) / temperature
+  if top_k:
+    x = np.where(x < np.sort(x)[::-1][top_k - 1], -np.inf, x)
+  p = np.exp(x - x.max())
+  p /= p.sum()
+  if top_p < 1:
+    order = np.argsort(-p)
+    before = np.cumsum(p[order]) - p[order]
+    keep = np.zeros_like(p, bool)
+    keep[order[before < top_p]] = True
+    keep[order[0]] = True
+    p = np.where(keep, p, 0)
+    p /= p.sum()
+  return p
+
+
+@pytest.mark.parametrize(
+  'method',
+  [
+    S.Sample(temperature=0.7),
+    S.Sample(temperature=1.0, top_k=3),
+    S.Sample(temperature=1.3, top_p=0.8),
+    S.Sample(temperature=0.5, top_k=5, top_p=0.9),
+  ],
+  ids=['temperature', 'top_k', 'top_p', 'combined'],
+)
+def test_sample_frequencies_match_target(method):
+  logits = np.array([1.2, 0.3, -0.5, 2.0, 0.9, -1.5, 0.0, 1.6], np.float32)
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  draws = jax.jit(S.sample_tokens, static_argnums=2)(jnp.broadcast_to(logits, (n, 8)), keys, method)
+  counts = np.bincount(np.asarray(draws), minlength=8)
+  p = _target(logits, method.temperature, method.top_k, method.top_p)
+  assert (counts[p == 0] == 0).all(), 'a removed token was sampled'
+  support = p > 0
+  expected = n * p[support]
+  chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+  assert chi2 < chi2_critical(int(support.sum()) - 1), (chi2, counts, expected)
+
+
+def test_samples_share_prefill_and_follow_the_model(model):
+  # n samples of one prompt (one prefill, copied cache rows): first-token frequencies follow the
+  # model's softmax, the samples are independent of each other, and the seed decides them.
+  prompt = [1, 5, 9, 4]
+  toks, mask = _left([prompt])
+  n = 4000
+  sampler = S.Sampler(model)
+  out = sampler(toks, mask, S.Sample(), max_new_tokens=1, num_samples=n, seed=7)
+  first = out.tokens[0, :, 0]
+  logits = _recompute_logits(model, prompt)[-1]
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  counts = np.bincount(first, minlength=V)
+  big = n * p >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(n * p[big], n * p[~big].sum())
+  chi2 = float(((obs - exp) ** 2 / exp).sum())
+  assert chi2 < chi2_critical(len(obs) - 1), (chi2, obs, exp)
+  np.testing.assert_allclose(out.scores[0], np.log(p[first]), atol=1e-4)
+  again = sampler(toks, mask, S.Sample(), max_new_tokens=1, num_samples=n, seed=7)
+  np.testing.assert_array_equal(again.tokens, out.tokens)
+  other = sampler(toks, mask, S.Sample(), max_new_tokens=1, num_samples=n, seed=8)
+  assert (other.tokens != out.tokens).mean() > 0.3
+
+
+# -- cache, batch and padding properties -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'window,method',
+  [(None, S.Sample(temperature=1.5)), (3, S.Greedy())],
+  ids=['sample', 'greedy_sliding_window'],
+)
+def test_cached_decoding_equals_recomputation(window, method):
+  model = _model(seed=1, arch='mistral', sliding_window=window)
+  rng = np.random.default_rng(3)
+  seqs = _prompts(rng, 4, 1, 9)
+  toks, mask = _left(seqs)
+  sampler = S.Sampler(model)
+  out = sampler(toks, mask, method, max_new_tokens=8, stop_ids=())
+  for i, prompt in enumerate(seqs):
+    new = [int(t) for t in out.tokens[i, 0]]
+    logits = _recompute_logits(model, prompt + new)
+    steps = logits[len(prompt) - 1 : -1]
+    logp = steps - jax.nn.logsumexp(steps, axis=-1, keepdims=True)
+    if isinstance(method, S.Greedy):
+      assert new == [int(t) for t in np.argmax(steps, axis=-1)]
+    np.testing.assert_allclose(out.scores[i, 0], logp[np.arange(8), new].sum(), atol=1e-4)
+
+
+# The tests below share one model and these calls' shapes, so they share compilations.
+B, P, M = 8, 12, 6
+METHODS = [(S.Sample(temperature=2.0), 2), (S.BeamSearch(3), 1)]
+
+
+@pytest.fixture(scope='module')
+def batch():
+  seqs = _prompts(np.random.default_rng(4), B, 2, P)
+  return seqs, *_left(seqs, length=P)
+
+
+def _run(sampler, toks, mask, method, n, **kw):
+  return sampler(toks, mask, method, max_new_tokens=M, num_samples=n, stop_ids=(EOS,), **kw)
+
+
+@pytest.mark.parametrize('method,n', METHODS, ids=['sample', 'beam'])
+def test_rows_do_not_depend_on_batch_order_or_padding(model, batch, method, n):
+  seqs, toks, mask = batch
+  perm = np.random.default_rng(0).permutation(B)
+  toks2, mask2 = _left([seqs[i] for i in perm], length=P + 5)
+  sampler = S.Sampler(model)
+  a = _run(sampler, toks, mask, method, n, seed=3)
+  b = _run(sampler, toks2, mask2, method, n, seed=3, row_ids=perm)
+  np.testing.assert_array_equal(b.tokens, a.tokens[perm])
+  np.testing.assert_allclose(b.scores, a.scores[perm], rtol=1e-5, atol=1e-5)
+  again = _run(sampler, toks, mask, method, n, seed=3)
+  np.testing.assert_array_equal(again.tokens, a.tokens)  # deterministic for a seed
+  if n > 1:
+    assert (a.tokens[:, 0] != a.tokens[:, 1]).any()  # the samples of a prompt differ
+    other = _run(sampler, toks, mask, method, n, seed=4)
+    assert (other.tokens != a.tokens).any()
+
+
+def test_stop_tokens_padding_and_forced_length(model, batch):
+  _, toks, mask = batch
+  sampler = S.Sampler(model)
+  method = S.Sample(temperature=3.0)
+  free = sampler(toks, mask, method, max_new_tokens=M, stop_ids=())
+  assert (free.lengths == M).all() and not free.stopped.any()
+  # Stop at whichever of two tokens comes first in the unconstrained run (same seed: same draws).
+  stops = (int(free.tokens[0, 0, 2]), int(free.tokens[1, 0, 4]))
+  out = sampler(toks, mask, method, max_new_tokens=M, stop_ids=stops, pad_id=63)
+  for i in range(B):
+    row = list(free.tokens[i, 0])
+    hit = [t for t, x in enumerate(row) if x in stops]
+    n = hit[0] + 1 if hit else M
+    assert out.lengths[i, 0] == n and out.stopped[i, 0] == bool(hit)
+    assert list(out.tokens[i, 0, :n]) == row[:n]
+    assert (out.tokens[i, 0, n:] == 63).all()
+
+
+def test_method_validation():
+  with pytest.raises(ValueError, match='temperature'):
+    S.Sample(temperature=0.0)
+  with pytest.raises(ValueError, match='top_p'):
+    S.Sample(top_p=0.0)
+  with pytest.raises(ValueError, match='early_stopping'):
+    S.BeamSearch(early_stopping='sometimes')
+  with pytest.raises(ValueError, match='unknown decoding method'):
+    S.parse_method('nucleus')
+  assert S.parse_method('beam', num_beams=2) == S.BeamSearch(2)
+
+
+# -- sharding and the compiled loop ------------------------------------------------------------
+
+
+def test_sharded_decoding_matches_one_device(model, batch):
+  _, toks, mask = batch
+  mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+  one = S.Sampler(model)
+  many = S.Sampler(model, mesh=mesh)
+  assert many.row_multiple == 4
+  kernel = many.params['layers']['q']['kernel']
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, 'tensor', None)
+  for method, n in METHODS:
+    a = _run(one, toks, mask, method, n, seed=3)
+    b = _run(many, toks, mask, method, n, seed=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='batch shards'):
+    many(toks[:6], mask[:6], max_new_tokens=2)
+
+
+@pytest.mark.parametrize('method,n', METHODS, ids=['sample', 'beam'])
+def test_decode_loop_updates_the_cache_in_place(model, batch, method, n):
+  _, toks, mask = batch
+  sampler = S.Sampler(model)
+  spec = S._Spec(method, M, n, (EOS,), PAD)
+  prefill, decode = sampler._functions(spec, B, P)
+  state = prefill(sampler.params, toks, mask, np.arange(B, dtype=np.int32), np.uint32(0))
+  hlo = decode.lower(sampler.params, state).compile().as_text()
+  rows = B * (method.num_beams if isinstance(method, S.BeamSearch) else n)
+  cache = f'f32[2,{rows},{P + M - 1},2,8]'
+  lines = hlo.splitlines()
+  assert any(cache in x and 'dynamic-update-slice' in x for x in lines)
+  copies = [x for x in lines if f'{cache}{{' in x and ' copy(' in x]
+  if isinstance(method, S.BeamSearch):
+    # Reordering beams gathers the cache rows (as transformers' reorder_cache) into a new buffer,
+    # which XLA copies into the loop carry: one copy of k and of v, nothing more.
+    assert len(copies) <= 2
+  else:
+    # Nothing copies the cache (the scan-over-layers `decode` path copied it every step).
+    assert not copies
+  assert 'input_output_alias' in hlo  # the donated state's buffers are reused
