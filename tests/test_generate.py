@@ -1,0 +1,186 @@
+"""Generation driver: bucketed batch plans, one compilation per shape, input order, per-prompt
+randomness independent of batching, stop-token cutting, and the command line."""
+
+import functools
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ilr_jax import generate as G
+from ilr_jax import sampler as S
+from ilr_jax.model import Decoder, ModelConfig
+from ilr_jax.tokens import Tokenizer
+
+V = 64
+EOS = 2
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(cfg):
+  # Larger than default weights: peaked distributions, so greedy has no near-ties.
+  return jax.tree.map(lambda x: 5.0 * x, nnx.state(Decoder(cfg, rngs=nnx.Rngs(0))))
+
+
+@pytest.fixture(scope='module')
+def model():
+  cfg = ModelConfig(
+    arch='llama',
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(EOS,),
+  )
+  graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[0]
+  return nnx.merge(graphdef, _init(cfg))
+
+
+@pytest.fixture(scope='module')
+def tok():
+  # Characters <-> ids 4..63; 1 BOS, 2 EOS, 0 pad.
+  return Tokenizer(
+    encode=lambda s: [4 + ord(c) % 60 for c in s],
+    decode=lambda ids: ''.join(chr(ord('!') + i - 4) for i in ids if i >= 4),
+    bos_id=1,
+    eos_id=EOS,
+    pad_id=0,
+    vocab_size=V,
+    source='test',
+  )
+
+
+def test_plan_batches_bounds_shapes_and_covers_every_prompt():
+  rng = np.random.default_rng(0)
+  lengths = list(rng.integers(1, 100, 203))
+  plan = G.plan_batches(lengths, batch_size=16, buckets=(16, 32, 64, 128), row_multiple=2)
+  seen = sorted(i for b in plan for i in b.indices)
+  assert seen == list(range(203))
+  shapes = {(b.batch, b.length) for b in plan}
+  assert {length for _, length in shapes} <= {16, 32, 64, 128}
+  assert {batch for batch, _ in shapes} <= {2, 4, 8, 16}  # full batches or powers of two
+  for b in plan:
+    assert len(b.indices) <= b.batch and b.batch % 2 == 0
+    fit = [x for x in (16, 32, 64, 128) if x >= max(lengths[i] for i in b.indices)][0]
+    assert b.length == fit  # each prompt is in the smallest bucket that holds it
+  assert plan[0].length == 128  # longest first
+  with pytest.raises(ValueError, match='more than the largest bucket'):
+    G.plan_batches([5, 200], 16, (16, 128))
+  with pytest.raises(ValueError, match='empty'):
+    G.plan_batches([5, 0], 16, (16,))
+  with pytest.raises(ValueError, match='multiple of 4'):
+    G.plan_batches([5], 6, (16,), row_multiple=4)
+
+
+def _questions(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [''.join(chr(97 + c) for c in rng.integers(0, 26, k)) for k in rng.integers(1, 14, n)]
+
+
+def test_one_compilation_per_bucket_shape_and_input_order(model, tok):
+  rng = np.random.default_rng(3)
+  lengths = [3, 12, 5, 3, 9, 14, 2, 12, 6, 11, 10]  # buckets 8 and 16, full and partial batches
+  prompts = [[1] + [int(t) for t in rng.integers(4, V, n - 1)] for n in lengths]
+  kw = dict(max_new_tokens=5, batch_size=4, buckets=(8, 16), progress=False)
+  plan = G.plan_batches([len(p) for p in prompts], 4, (8, 16))
+  shapes = {(b.batch, b.length) for b in plan}
+  assert shapes == {(4, 8), (1, 8), (4, 16), (2, 16)}
+  sampler = S.Sampler(model)
+  before = dict(S.TRACES)
+  res = G.generate(sampler, tok, prompts, S.Greedy(), **kw)
+  new = {k: S.TRACES[k] - before.get(k, 0) for k in ('prefill', 'decode')}
+  assert new == {'prefill': len(shapes), 'decode': len(shapes)}
+  before = dict(S.TRACES)
+  again = G.generate(sampler, tok, prompts, S.Greedy(), **kw)
+  assert dict(S.TRACES) == before  # nothing traced again
+  assert again.ids == res.ids
+  # Input order, and the same answer as decoding each prompt alone (own batch, own padding).
+  for i in (0, 2, 6):  # alone in a (1, 8) batch: a shape the plan compiled already
+    toks, mask = np.zeros((1, 8), np.int32), np.zeros((1, 8), np.int32)
+    toks[0, 8 - len(prompts[i]) :], mask[0, 8 - len(prompts[i]) :] = prompts[i], 1
+    alone = sampler(toks, mask, max_new_tokens=5, stop_ids=(EOS,))
+    n = int(alone.lengths[0, 0]) - int(alone.stopped[0, 0])
+    assert res.ids[i] == [int(t) for t in alone.tokens[0, 0, :n]]
+
+
+def test_samples_do_not_depend_on_batching(model, tok):
+  questions = _questions(6, seed=1)
+  kw = dict(max_new_tokens=4, num_samples=3, seed=5, buckets=(64,), progress=False)
+  method = S.Sample(temperature=1.5)
+  a = G.generate_answers(model, tok, questions, method, batch_size=2, **kw)
+  b = G.generate_answers(model, tok, questions, method, batch_size=4, **kw)
+  assert a.ids == b.ids and a.texts == b.texts
+  assert len(a.ids) == 6 and all(len(x) == 3 for x in a.ids)
+  assert any(len({tuple(s) for s in x}) > 1 for x in a.ids)  # samples of a prompt differ
+  c = G.generate_answers(model, tok, questions, method, batch_size=4, **{**kw, 'seed': 6})
+  assert c.ids != a.ids
+
+
+def test_answers_are_cut_at_the_first_stop_token(model, tok):
+  questions = _questions(8, seed=2)
+  kw = dict(max_new_tokens=8, buckets=(64,), batch_size=8, progress=False)
+  free = G.generate_answers(model, tok, questions, S.Greedy(), stop_ids=(), **kw)
+  assert not any(free.stopped) and all(len(x) == 8 for x in free.ids)
+  stop = free.ids[0][3]  # a token that does occur: some answers end there
+  res = G.generate_answers(model, tok, questions, S.Greedy(), stop_ids=(stop,), **kw)
+  for full, ids, text, stopped in zip(free.ids, res.ids, res.texts, res.stopped):
+    cut = full.index(stop) if stop in full else len(full)
+    assert ids == full[:cut] and stopped == (stop in full)
+    assert text == tok.decode(ids)
+  beam = G.generate_answers(model, tok, questions, S.BeamSearch(2), **kw)
+  assert all(isinstance(t, str) for t in beam.texts) and all(
+    isinstance(s, float) for s in beam.scores
+  )
+
+
+@pytest.mark.slow
+def test_command_line_prints_answers(tmp_path):
+  from ilr_jax import convert
+
+  cfg = ModelConfig(
+    arch='llama',
+    vocab_size=512,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+    pad_token_id=3,
+  )
+  model_dir = tmp_path / 'model'
+  graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[0]
+  convert.save_checkpoint(nnx.merge(graphdef, _init(cfg)), model_dir)
+  shutil.copy(REPO / 'data' / 'arith' / 'spm.model', model_dir / 'spm.model')
+  cmd = [
+    sys.executable,
+    '-m',
+    'ilr_jax.generate',
+    f'--model={model_dir}',
+    '--prompt=What is 2 + 3?',
+    '--prompt=Add 7 and 8.',
+    '--method=sample',
+    '--num_samples=2',
+    '--max_new_tokens=4',
+    '--mesh_data=1',
+  ]
+  env = {'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'}
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+  rows = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [r['prompt'] for r in rows] == ['What is 2 + 3?', 'Add 7 and 8.']
+  assert all(len(r['outputs']) == 2 and len(r['scores']) == 2 for r in rows)
+  cmd[3] = f'--model={tmp_path / "missing"}'
+  bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+  assert bad.returncode != 0 and 'does not exist' in bad.stderr
