@@ -6,7 +6,18 @@ ILR and SFT+DPO both consume it through one interface, `Scorer`:
   scores = scorer(questions, currents, proposals)   # float64[N], P(proposal better than current)
 
 Two scorers implement it: `EvaluatorScorer` (a trained 2-class score-head model) and
-`OracleScorer` (ground-truth grading, the `ora` variants).
+`OracleScorer` (ground-truth grading, the `ora` variants). The trained one comes from:
+
+  data, counts = build_comparison_data(load_base, tok, task, half_a, workdir=..., config=...)
+  model, result = train_evaluator(with_score_head(load_base()), tok, data, workdir=...)
+  scorer = EvaluatorScorer(model, tok)
+
+`build_comparison_data` fits a supervisor-sized model on half A with params snapshots at every
+10% of training, samples one answer per question from each (`sample_checkpoints`), and turns the
+graded samples into pairs and classification examples (`comparison_dataset`, the rules of
+comparisons.py) saved as an HF dataset with the count of each pair kind. `train_evaluator` runs
+fit.py's classifier loop with per-epoch validation loss, early stopping and the best epoch
+restored, then reports validation accuracy per example and per pair (`validation_metrics`).
 
 Token convention of a comparison prompt: `[BOS] + tok.encode(comparison_prompt(q, a, b))`, with
 no SFT template around it (the evaluator is a classifier, not a chat model). Training examples and
@@ -28,12 +39,12 @@ ablation: the second prompt is again (A, B), so every score is 0.5 up to roundin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
 import pathlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import datasets
@@ -44,12 +55,12 @@ import tqdm
 from flax import nnx
 from jax.sharding import Mesh
 
-from ilr_jax import comparisons
+from ilr_jax import comparisons, fit, generate, sampler, train
 from ilr_jax import sharding as shd
 from ilr_jax import workdir as wd
 from ilr_jax.comparisons import ACCEPT, REJECT, comparison_prompt
 from ilr_jax.model import Decoder
-from ilr_jax.tokens import Tokenizer
+from ilr_jax.tokens import Tokenizer, pad_batch, sft_example
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +247,161 @@ def load_comparison_data(out_dir: str | os.PathLike) -> tuple[datasets.DatasetDi
   return datasets.load_from_disk(os.fspath(path / 'dataset')), wd.read_json(path / 'counts.json')
 
 
+def sample_checkpoints(
+  load_base: Callable[[], Decoder],
+  checkpoints: Sequence[str | os.PathLike],
+  tok: Tokenizer,
+  task: Any,
+  examples: Sequence[Any],
+  *,
+  temperature: float | None = None,
+  max_new_tokens: int | None = None,
+  seed: int = 0,
+  batch_size: int = 64,
+  mesh: Mesh | None = None,
+  out_dir: str | os.PathLike | None = None,
+  progress: bool = True,
+) -> tuple[list[list[str]], list[list[bool]]]:
+  """One sampled answer per question from each checkpoint, graded against ground truth.
+
+  Checkpoint i samples with seed `seed + i` and the task's 'evaluator_data' decoding (temperature
+  0.6) unless `temperature` / `max_new_tokens` are given. A grade counts as correct when it is
+  above 0.5 (exact-match tasks grade 1 or 0; SaferPaca's judge gives a win probability). With
+  `out_dir`, each checkpoint's answers are saved as `samples_<i>.json` and reused by a rerun.
+
+  Args:
+    load_base: returns a fresh base model (the snapshots hold the trainable params only).
+    checkpoints: snapshot paths in training order (`fit.fit_checkpoints`).
+    examples: tasks.Examples with the questions and their references.
+
+  Returns:
+    (samples[i][j], correct[i][j]) for checkpoint i and question j.
+  """
+  decoding = task.decoding['evaluator_data']
+  method = sampler.Sample(temperature=temperature or decoding.temperature)
+  questions = [ex.question for ex in examples]
+  samples, correct = [], []
+  base = None
+  for i, path in enumerate(checkpoints):
+    saved = pathlib.Path(out_dir) / f'samples_{i}.json' if out_dir is not None else None
+    if saved is not None and saved.exists():
+      record = wd.read_json(saved)
+      if record['checkpoint'] != str(path) or record['num_questions'] != len(questions):
+        raise ValueError(f'{saved} was written for another checkpoint or question set')
+      samples.append(record['answers'])
+      correct.append(record['correct'])
+      continue
+    base = base if base is not None else load_base()
+    model = fit.load_params(base, path)
+    result = generate.generate_answers(
+      model,
+      tok,
+      questions,
+      method,
+      max_new_tokens=max_new_tokens or decoding.max_new_tokens,
+      seed=seed + i,
+      batch_size=batch_size,
+      mesh=mesh,
+      desc=f'checkpoint {i}',
+      progress=progress,
+    )
+    grades = np.asarray(task.grade_batch(result.texts, list(examples)).scores, np.float64)
+    samples.append(list(result.texts))
+    correct.append([bool(g > 0.5) for g in grades])
+    log.info('checkpoint %d (%s): %.1f%% of samples correct', i, path, 100 * grades.mean())
+    if saved is not None and wd.is_writer():
+      wd.write_json(
+        saved,
+        dict(
+          checkpoint=str(path),
+          num_questions=len(questions),
+          answers=samples[-1],
+          correct=correct[-1],
+        ),
+      )
+  return samples, correct
+
+
+def build_comparison_data(
+  load_base: Callable[[], Decoder],
+  tok: Tokenizer,
+  task: Any,
+  examples: Sequence[Any],
+  *,
+  workdir: str | os.PathLike,
+  config: train.TrainConfig,
+  num_checkpoints: int = 10,
+  seed: int = 0,
+  val_frac: float = 0.1,
+  batch_size: int = 64,
+  mesh: Mesh | None = None,
+  progress: bool = True,
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+  """The evaluator's comparison data from half A (METHOD.md), start to end, resumable.
+
+  Fits a supervisor-sized model (`load_base()`) by SFT on the examples' ground truth with a
+  params snapshot every 1/num_checkpoints of training, samples one answer per question from
+  each snapshot (`sample_checkpoints`), builds the pairs and their examples with a 90/10 split
+  over questions (`comparison_dataset`) and saves them. Layout of `workdir`:
+    supervisor/      the fit (fit.py's layout; snapshots/step_<n> are the checkpoints)
+    samples/         samples_<i>.json: checkpoint i's answers and grades
+    comparisons/     dataset/ (HF DatasetDict) and counts.json (`load_comparison_data`)
+
+  Returns:
+    (the DatasetDict, counts): counts per split and kind, plus 'checkpoints': the snapshot steps
+    and the fraction of correct samples of each.
+  """
+  workdir = pathlib.Path(workdir)
+  out = workdir / 'comparisons'
+  if (out / 'counts.json').exists():
+    return load_comparison_data(out)
+  fractions = tuple((k + 1) / num_checkpoints for k in range(num_checkpoints))
+  sft = [sft_example(tok, ex.question, ex.answer) for ex in examples]
+  fit.fit(
+    load_base(),
+    sft,
+    loss='sft',
+    config=config.replace(checkpoint_fractions=fractions),
+    workdir=workdir / 'supervisor',
+    mesh=mesh,
+    progress=progress,
+  )
+  snapshots = fit.fit_checkpoints(workdir / 'supervisor')
+  if len(snapshots) != num_checkpoints:
+    raise RuntimeError(
+      f'the fit in {workdir / "supervisor"} kept {len(snapshots)} snapshots, expected '
+      f'{num_checkpoints} (too few training steps for that many?)'
+    )
+  samples, correct = sample_checkpoints(
+    load_base,
+    [p for _, p in snapshots],
+    tok,
+    task,
+    examples,
+    seed=seed,
+    batch_size=batch_size,
+    mesh=mesh,
+    out_dir=workdir / 'samples',
+    progress=progress,
+  )
+  data, counts = comparison_dataset(
+    [ex.question for ex in examples],
+    [ex.answer for ex in examples],
+    samples,
+    correct,
+    seed=seed,
+    val_frac=val_frac,
+    ids=[ex.id for ex in examples],
+  )
+  counts['checkpoints'] = dict(
+    steps=[s for s, _ in snapshots], accuracy=[float(np.mean(c)) for c in correct]
+  )
+  if wd.is_writer():
+    save_comparison_data(out, data, counts)
+  wd.sync('evaluator:comparisons')
+  return data, counts
+
+
 # -- the model scorer --------------------------------------------------------------------------
 
 
@@ -287,12 +453,12 @@ class EvaluatorScorer:
 
   The model's state is placed once by `rules` on `mesh` (a no-op when it already lives there) and
   the forward pass is jitted with explicit shardings: rows over the mesh's batch axes, parameters
-  by their logical names, results replicated. A device call holds `batch_size` pairs, i.e.
-  2 x batch_size rows (rounded up so that the batch axes divide them): the (current, proposal)
-  prompts in the first half, the (proposal, current) prompts in the second. Pairs are sorted by
-  length and each batch is right-padded to a multiple of `bucket` tokens, so the function compiles
-  once per bucket length; results go back to the caller's order. A row's score depends neither on
-  the other rows of its batch nor on its padding (positions come from the mask).
+  by their logical names, class probabilities replicated. A device call holds `batch_size` pairs,
+  both orders of each, i.e. 2 x batch_size rows (rounded up so that the batch shards divide them).
+  Pairs are sorted by length and each batch is right-padded to a multiple of `bucket` tokens, so
+  the function compiles once per bucket length; results go back to the caller's order. A row's
+  probabilities depend neither on the other rows of its batch nor on its padding (positions come
+  from the mask), so batching changes no score.
 
   Args:
     model: a Decoder with `cfg.num_labels == 2` (index REJECT = 0, ACCEPT = 1).
@@ -338,25 +504,27 @@ class EvaluatorScorer:
     self.swap_second_order = swap_second_order
     self.progress = progress
     self.mesh = mesh if mesh is not None else model_mesh(model)
-    num_shards = shd.batch_size_multiple(self.mesh)
-    # 2 x half rows must split evenly over the batch shards.
-    self.half = _round_up(batch_size, num_shards // math.gcd(num_shards, 2))
+    self.rows = _round_up(2 * batch_size, shd.batch_size_multiple(self.mesh))
     graphdef, state = nnx.split(model)
     state_sh = shd.state_shardings(state, self.mesh, rules)
     self.state = jax.device_put(state, state_sh)
     self._rows = shd.batch_sharding(self.mesh, 2)
-    half = self.half
 
     def logits(state, tokens_BT, mask_BT):
       return nnx.merge(graphdef, state).score(tokens_BT, mask_BT)
 
-    def scores(state, tokens_BT, mask_BT):
-      p_BC = jax.nn.softmax(logits(state, tokens_BT, mask_BT), axis=-1)
-      return 0.5 * (p_BC[:half, ACCEPT] + p_BC[half:, REJECT])
+    def probs(state, tokens_BT, mask_BT):
+      return jax.nn.softmax(logits(state, tokens_BT, mask_BT), axis=-1)
 
     rows, rep = self._rows, shd.replicated(self.mesh)
     self._logits = jax.jit(logits, in_shardings=(state_sh, rows, rows), out_shardings=rows)
-    self._scores = jax.jit(scores, in_shardings=(state_sh, rows, rows), out_shardings=rep)
+    self._probs = jax.jit(probs, in_shardings=(state_sh, rows, rows), out_shardings=rep)
+
+  def place(self, x_BT: np.ndarray | jax.Array) -> jax.Array:
+    """A host [B, T] int array placed with the rows' sharding (a placed array is left as is)."""
+    if isinstance(x_BT, jax.Array):
+      return x_BT
+    return shd.put(np.asarray(x_BT, np.int32), self._rows)
 
   def classify(
     self, tokens_BT: np.ndarray | jax.Array, mask_BT: np.ndarray | jax.Array
@@ -372,12 +540,6 @@ class EvaluatorScorer:
         f'multiple of {n}'
       )
     return self._logits(self.state, self.place(tokens_BT), self.place(mask_BT))
-
-  def place(self, x_BT: np.ndarray | jax.Array) -> jax.Array:
-    """A host [B, T] int array placed with the rows' sharding (a placed array is left as is)."""
-    if isinstance(x_BT, jax.Array):
-      return x_BT
-    return shd.put(np.asarray(x_BT, np.int32), self._rows)
 
   def tokenize(
     self, questions: Sequence[str], currents: Sequence[str], proposals: Sequence[str]
@@ -396,35 +558,11 @@ class EvaluatorScorer:
       )
     return firsts, seconds
 
-  def _batch(self, firsts, seconds, idx) -> tuple[np.ndarray, np.ndarray]:
-    longest = max(max(len(firsts[i]), len(seconds[i])) for i in idx)
-    length = _round_up(longest, self.bucket)
-    tokens = np.full((2 * self.half, length), self.tok.pad_id, np.int32)
-    mask = np.zeros((2 * self.half, length), np.int32)
-    # Filler rows hold one (padding) token so that no row is empty; their scores are dropped.
-    mask[:, 0] = 1
-    for r, i in enumerate(idx):
-      for row, ids in ((r, firsts[i]), (self.half + r, seconds[i])):
-        tokens[row, : len(ids)] = ids
-        mask[row, len(ids) :] = 0
-        mask[row, : len(ids)] = 1
-    return tokens, mask
-
-  def score_ids(
-    self, firsts: Sequence[Sequence[int]], seconds: Sequence[Sequence[int]]
-  ) -> np.ndarray:
-    """float64[N]: mean(P(accept | firsts[i]), P(reject | seconds[i])) for token-id prompts."""
-    if len(firsts) != len(seconds):
-      raise ValueError(f'{len(firsts)} first-order prompts but {len(seconds)} second-order ones')
-    n = len(firsts)
-    out = np.zeros(n, np.float64)
-    if not n:
-      return out
-    if min(min(len(a), len(b)) for a, b in zip(firsts, seconds)) == 0:
+  def _run(self, seqs: Sequence[Sequence[int]], groups: list[np.ndarray]) -> np.ndarray:
+    """Class probabilities [len(seqs), 2] (float64), one device call per group of row indices."""
+    out = np.zeros((len(seqs), 2), np.float64)
+    if min((len(s) for s in seqs), default=1) == 0:
       raise ValueError('an empty prompt cannot be scored')
-    lengths = np.asarray([max(len(a), len(b)) for a, b in zip(firsts, seconds)])
-    order = np.argsort(-lengths, kind='stable')  # longest first: a memory problem shows at once
-    batches = [order[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
     start, tokens_seen = time.perf_counter(), 0
     pending = None  # one call in flight while the host pads the next batch
 
@@ -432,24 +570,51 @@ class EvaluatorScorer:
       idx, result = item
       out[idx] = np.asarray(result)[: len(idx)]
 
-    for idx in tqdm.tqdm(batches, desc='evaluator', unit='batch', disable=not self.progress):
-      tokens, mask = self._batch(firsts, seconds, idx)
+    for idx in tqdm.tqdm(groups, desc='evaluator', unit='batch', disable=not self.progress):
+      length = _round_up(max(len(seqs[i]) for i in idx), self.bucket)
+      # Filler rows hold one padding token, so that no row is empty; their results are dropped.
+      rows = [seqs[i] for i in idx] + [[self.tok.pad_id]] * (self.rows - len(idx))
+      tokens, mask = pad_batch(rows, length=length, pad_id=self.tok.pad_id)
       tokens_seen += tokens.size
-      result = self._scores(self.state, shd.put(tokens, self._rows), shd.put(mask, self._rows))
+      result = self._probs(self.state, self.place(tokens), self.place(mask))
       if pending is not None:
         collect(pending)
       pending = (idx, result)
-    collect(pending)
+    if pending is not None:
+      collect(pending)
     elapsed = time.perf_counter() - start
-    log.info(
-      'evaluator scored %d pairs in %.1f s (%.1f pairs/s, %.0f padded tokens/s, %d batches)',
-      n,
-      elapsed,
-      n / elapsed,
-      tokens_seen / elapsed,
-      len(batches),
-    )
+    if groups:
+      log.info(
+        'evaluator: %d prompts in %.1f s (%.1f prompts/s, %.0f padded tokens/s, %d batches)',
+        len(seqs),
+        elapsed,
+        len(seqs) / elapsed,
+        tokens_seen / elapsed,
+        len(groups),
+      )
     return out
+
+  def accept_probs(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+    """float64[N]: P(accept) of each token-id prompt on its own (for validation accuracy)."""
+    order = np.argsort([-len(s) for s in seqs], kind='stable')
+    groups = [order[i : i + self.rows] for i in range(0, len(seqs), self.rows)]
+    return self._run(seqs, groups)[:, ACCEPT]
+
+  def score_ids(
+    self, firsts: Sequence[Sequence[int]], seconds: Sequence[Sequence[int]]
+  ) -> np.ndarray:
+    """float64[N]: mean(P(accept | firsts[i]), P(reject | seconds[i])), both in one batch."""
+    if len(firsts) != len(seconds):
+      raise ValueError(f'{len(firsts)} first-order prompts but {len(seconds)} second-order ones')
+    n = len(firsts)
+    lengths = [max(len(a), len(b)) for a, b in zip(firsts, seconds)]
+    order = np.argsort([-x for x in lengths], kind='stable')  # longest first: memory peaks early
+    groups = []
+    for i in range(0, n, self.batch_size):
+      chunk = order[i : i + self.batch_size]
+      groups.append(np.concatenate([chunk, n + chunk]))
+    p = self._run(list(firsts) + list(seconds), groups)
+    return 0.5 * (p[:n, ACCEPT] + p[n:, REJECT])
 
   def __call__(
     self, questions: Sequence[str], currents: Sequence[str], proposals: Sequence[str]
@@ -475,6 +640,119 @@ def score_pairs(
     model, tok, batch_size=batch_size, swap_second_order=swap_second_order, **options
   )
   return scorer(questions, currents, proposals)
+
+
+# -- training --------------------------------------------------------------------------------
+
+# The paper's evaluator training (METHOD.md): full fine-tune, AdamW lr 1e-6, batch 16, up to 5
+# epochs; warmup as the pipeline's evaluator_train section. Early stopping (patience 1) is an
+# argument of train_evaluator.
+DEFAULT_TRAIN = train.TrainConfig(
+  optimizer='adamw', lr=1e-6, global_batch=16, epochs=5, warmup_ratio=0.05, max_len=2048
+)
+
+
+def validation_metrics(scorer: EvaluatorScorer, rows: Sequence[Mapping[str, Any]]) -> dict:
+  """Accuracy of the evaluator on classification rows {question, a, b, label, kind}.
+
+  val_accuracy: each row alone, P(accept) > 0.5 iff its label is ACCEPT. val_pair_accuracy: each
+  pair (a REJECT row whose swapped ACCEPT row is present) by the two-order score, i.e. how often
+  the evaluator ranks the better answer above the worse one, overall and per pair kind.
+  """
+  rows = list(rows)
+  ids, labels = encode_examples(scorer.tok, rows, scorer.max_len, scorer.too_long)
+  p_accept = scorer.accept_probs(ids)
+  metrics = dict(
+    val_examples=len(rows),
+    val_accuracy=float(np.mean((p_accept > 0.5) == (labels == ACCEPT))) if rows else float('nan'),
+  )
+  by_prompt = {(r['question'], r['a'], r['b']): p for r, p in zip(rows, p_accept)}
+  hits: dict[str, list[bool]] = {}
+  for r, p in zip(rows, p_accept):
+    swapped = by_prompt.get((r['question'], r['b'], r['a']))
+    if r['label'] == REJECT and swapped is not None:
+      # P(worse better than better) from both orders; the evaluator is right when it is < 0.5.
+      score = 0.5 * (p + (1.0 - swapped))
+      hits.setdefault(r.get('kind', 'all'), []).append(bool(score < 0.5))
+  every = [h for v in hits.values() for h in v]
+  metrics['val_pairs'] = len(every)
+  metrics['val_pair_accuracy'] = float(np.mean(every)) if every else float('nan')
+  for kind, v in sorted(hits.items()):
+    metrics[f'val_pair_accuracy/{kind}'] = float(np.mean(v))
+  return metrics
+
+
+def train_evaluator(
+  model: Decoder,
+  tok: Tokenizer,
+  data: Mapping[str, Sequence[Mapping[str, Any]]],
+  *,
+  workdir: str | os.PathLike,
+  config: train.TrainConfig = DEFAULT_TRAIN,
+  patience: int | None = 1,
+  max_len: int | None = None,
+  too_long: str = 'error',
+  mesh: Mesh | None = None,
+  score_batch_size: int = 16,
+  progress: bool = True,
+) -> tuple[Decoder, fit.FitResult]:
+  """Train the 2-class evaluator on comparison data; the best validation epoch's params win.
+
+  Runs `fit.fit(loss='classifier')` on the 'train' rows, with the mean validation loss after each
+  epoch and early stopping after `patience` epochs without improvement (None: all epochs); the
+  best epoch's params are restored. Resumable through `workdir` (fit.py's layout).
+
+  Args:
+    model: a Decoder with a 2-class score head (`with_score_head(base)`); its buffers may be
+      donated to training, so use the returned model.
+    tok: the tokenizer; prompts are `comparison_ids` (truncated per `too_long`).
+    data: {'train': rows, 'validation': rows} as `comparison_dataset` makes them.
+    config: the TrainConfig (default DEFAULT_TRAIN); max_len, if given, overrides its max_len.
+
+  Returns:
+    (the trained model, fit's FitResult whose final_metrics also hold `validation_metrics`:
+    val_accuracy, val_pair_accuracy (overall and per kind) and val_loss, the best epoch's).
+  """
+  if model.cfg.num_labels != 2:
+    raise ValueError(
+      f'the evaluator needs a 2-class score head, got num_labels={model.cfg.num_labels}'
+    )
+  max_len = max_len or config.max_len
+  config = config.replace(max_len=max_len)
+  val_rows = list(data['validation'])
+  if patience is not None and not val_rows:
+    raise ValueError('early stopping needs validation rows; the comparison data has none')
+  train_ids, train_labels = encode_examples(tok, data['train'], max_len, too_long)
+  val_ids, val_labels = encode_examples(tok, val_rows, max_len, too_long)
+  model, result = fit.fit(
+    model,
+    list(zip(train_ids, train_labels.tolist())),
+    loss='classifier',
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    val_examples=list(zip(val_ids, val_labels.tolist())) or None,
+    early_stopping_patience=patience,
+    progress=progress,
+  )
+  metrics = {}
+  if val_rows:
+    scorer = EvaluatorScorer(
+      model,
+      tok,
+      batch_size=score_batch_size,
+      max_len=max_len,
+      too_long=too_long,
+      mesh=mesh,
+      progress=progress,
+    )
+    metrics = validation_metrics(scorer, val_rows)
+    metrics['val_loss'] = min(result.val_losses) if result.val_losses else float('nan')
+    log.info('evaluator validation: %s', metrics)
+  if wd.is_writer():
+    wd.write_json(pathlib.Path(workdir) / 'evaluator_metrics.json', metrics)
+  result = dataclasses.replace(result, final_metrics={**result.final_metrics, **metrics})
+  return model, result
 
 
 # -- the oracle scorer -------------------------------------------------------------------------

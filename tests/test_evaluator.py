@@ -11,7 +11,7 @@ from flax import nnx
 from ilr_jax import comparisons, evaluator, tasks, train
 from ilr_jax import sharding as shd
 from ilr_jax.model import Decoder, ModelConfig
-from ilr_jax.tokens import Tokenizer, pad_batch
+from ilr_jax.tokens import Tokenizer
 
 CFG = ModelConfig(
   arch='llama',
@@ -75,31 +75,105 @@ def mesh():
   return shd.make_mesh(2, 2, 2)
 
 
+def random_model(cfg, mesh, seed=0):
+  """A Decoder with N(0, 0.02) weights drawn on the host and placed by the sharding rules
+  (compiling the model's initialiser costs more than every other step of these tests)."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))
+  shardings = dict(nnx.to_flat_state(shd.state_shardings(abstract, mesh)))
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, var in nnx.to_flat_state(abstract):
+    if path[-1] == 'scale':
+      value = np.ones(var.shape, np.float32)
+    else:
+      value = (0.02 * rng.standard_normal(var.shape)).astype(np.float32)
+    flat[path] = var.replace(jax.device_put(value, shardings[path]))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 @pytest.fixture(scope='module')
 def base(mesh):
-  return shd.create_sharded(lambda: Decoder(CFG, rngs=nnx.Rngs(0)), mesh)
+  return random_model(CFG, mesh)
+
+
+def rows_for(indices, flip=False):
+  """Classification rows of (worked answer > 'I do not know') pairs, both orders; `flip` swaps
+  the labels (as if the unhelpful answer were the better one)."""
+  labels = (comparisons.REJECT, comparisons.ACCEPT)
+  first, second = labels[::-1] if flip else labels
+  rows = []
+  for i in indices:
+    q, g, b = f'What is {i} + {i + 1}?', good(i, i % 3), bad(i, i % 4)
+    rows.append(dict(question=q, a=g, b=b, label=first, kind='gt>wrong'))
+    rows.append(dict(question=q, a=b, b=g, label=second, kind='gt>wrong'))
+  return rows
+
+
+def tiny_train(**kw):
+  defaults = dict(
+    lr=3e-3, warmup_ratio=0.0, global_batch=4, clip_norm=None, pad_multiple=16, log_every=100
+  )
+  return train.TrainConfig(**{**defaults, **kw})
 
 
 @pytest.fixture(scope='module')
-def trained(base, mesh):
-  """A tiny evaluator trained until it prefers worked answers ending in '####'."""
-  model = evaluator.with_score_head(base, seed=3)
-  rows = []
-  for i in range(8):
-    q = f'What is {i} + {i + 1}?'
-    rows.append(dict(question=q, a=good(i, i % 3), b=bad(i, i % 4), label=comparisons.REJECT))
-    rows.append(dict(question=q, a=bad(i, i % 4), b=good(i, i % 3), label=comparisons.ACCEPT))
-  ids, labels = evaluator.encode_examples(WORDS, rows, max_len=1024)
-  tokens, mask = pad_batch(ids, multiple=16)
-  cfg = train.TrainConfig(
-    lr=3e-3, schedule='constant', warmup_ratio=0.0, global_batch=16, clip_norm=None
+def trained_run(base, mesh, tmp_path_factory):
+  """A tiny evaluator trained by train_evaluator to prefer worked answers ending in '####'."""
+  data = {'train': rows_for(range(8)), 'validation': rows_for(range(30, 34))}
+  return evaluator.train_evaluator(
+    evaluator.with_score_head(base, seed=3),
+    WORDS,
+    data,
+    config=tiny_train(epochs=8),
+    workdir=tmp_path_factory.mktemp('evaluator'),
+    patience=None,
+    mesh=mesh,
+    progress=False,
   )
-  trainer, state = train.make_trainer(model, 'classifier', cfg, 40, mesh=mesh)
-  placed = trainer.shard_batch(dict(tokens=tokens, mask=mask, labels=labels))
-  for _ in range(40):
-    state, metrics = trainer.train_step(state, placed)
-  assert float(metrics['loss']) < 0.3
-  return trainer.model(state)
+
+
+@pytest.fixture(scope='module')
+def trained(trained_run):
+  return trained_run[0]
+
+
+def test_train_evaluator_reports_validation_accuracy(trained_run):
+  _, result = trained_run
+  m = result.final_metrics
+  assert result.steps == result.total_steps == 32 and not result.stopped_early
+  assert len(result.val_losses) == 8 and min(result.val_losses) < 0.4
+  assert m['val_loss'] == min(result.val_losses)
+  assert m['val_examples'] == 8 and m['val_pairs'] == 4
+  assert m['val_accuracy'] >= 0.75 and m['val_pair_accuracy'] == 1.0
+  assert m['val_pair_accuracy/gt>wrong'] == 1.0
+
+
+def test_early_stopping_restores_the_best_epoch(base, mesh, tmp_path):
+  """Validation labels are flipped: its loss rises once training learns, so epoch 1 is best."""
+  from ilr_jax import fit
+
+  data = {'train': rows_for(range(8)), 'validation': rows_for(range(8, 12), flip=True)}
+  # 4 steps per epoch, 24 in all; snapshots after epochs 1 and 2 (steps 4 and 8).
+  config = tiny_train(epochs=6, checkpoint_fractions=(1 / 6, 1 / 3))
+  model, result = evaluator.train_evaluator(
+    evaluator.with_score_head(base, seed=3),
+    WORDS,
+    data,
+    config=config,
+    workdir=tmp_path,
+    patience=1,
+    mesh=mesh,
+    progress=False,
+  )
+  assert result.stopped_early and result.steps == 8 and result.best_step == 4
+  assert result.val_losses[1] > result.val_losses[0]
+  assert result.final_metrics['val_loss'] == result.val_losses[0]
+  start = evaluator.with_score_head(base, seed=3)
+  kernel = lambda m: np.asarray(m.score_head.kernel[...])
+  best = fit.load_params(start, tmp_path / 'snapshots' / 'step_4')
+  last = fit.load_params(start, tmp_path / 'snapshots' / 'step_8')
+  np.testing.assert_array_equal(kernel(model), kernel(best))
+  assert np.abs(kernel(model) - kernel(last)).max() > 1e-4
 
 
 def test_comparison_ids_and_truncation():
@@ -175,21 +249,22 @@ def test_batched_scores_equal_single_and_ignore_order_and_padding(trained, mesh)
   batched = evaluator.EvaluatorScorer(trained, WORDS, batch_size=2, bucket=16, progress=False)
   assert batched.mesh is mesh and jax.tree.leaves(batched.state)[0].sharding.mesh is mesh
   scores = batched(QUESTIONS, CURRENTS, PROPOSALS)
-  # The trained evaluator prefers the worked answers, held-out ones included.
-  np.testing.assert_array_equal(scores > 0.5, [False, True, False, True, True])
-  assert np.abs(scores - 0.5).min() > 0.05
+  # The trained evaluator prefers the worked answers of held-out pairs (the proposal is the
+  # worked one in pairs 1, 3 and 4).
+  assert np.mean((scores > 0.5) == np.array([False, True, False, True, True])) >= 0.8
+  assert np.abs(scores - 0.5).max() > 0.2
   # score(a, b) + score(b, a) = 1.
   np.testing.assert_allclose(batched(QUESTIONS, PROPOSALS, CURRENTS), 1 - scores, atol=1e-6)
   # Batches are formed after sorting by length: a permutation changes which pairs share one.
   perm = np.array([2, 0, 4, 3, 1])
   permuted = batched(*([x[i] for i in perm] for x in (QUESTIONS, CURRENTS, PROPOSALS)))
   np.testing.assert_allclose(permuted, scores[perm], atol=1e-6)
-  assert batched._scores._cache_size() >= 2  # several bucket lengths
+  assert batched._probs._cache_size() >= 2  # several bucket lengths
   # One pair per call, each padded to 128 tokens instead of the next multiple of 16.
   single = evaluator.EvaluatorScorer(trained, WORDS, batch_size=1, bucket=128, progress=False)
   one_by_one = [single([q], [c], [p])[0] for q, c, p in zip(QUESTIONS, CURRENTS, PROPOSALS)]
   np.testing.assert_allclose(one_by_one, scores, atol=1e-6)
-  assert single._scores._cache_size() == 1  # one bucket length: one compilation
+  assert single._probs._cache_size() == 1  # one bucket length: one compilation
   assert len(batched([], [], [])) == 0
   with pytest.raises(ValueError, match='same length'):
     batched(QUESTIONS, CURRENTS, PROPOSALS[:2])
@@ -219,3 +294,45 @@ def test_oracle_scorer_grades_the_proposal():
   np.testing.assert_array_equal(by_text(['q0'], ['#### 2'], ['#### 5']), [0.0])
   with pytest.raises(ValueError, match='no reference'):
     oracle(['q9'], ['a'], ['b'])
+
+
+@pytest.mark.slow
+def test_build_comparison_data_end_to_end(mesh, tmp_path):
+  """Supervisor fit with 2 snapshots, one sample per question from each, pairs, saved dataset."""
+  lm_cfg = CFG.replace(max_position_embeddings=256)
+  task = tasks.get_task('arith')
+  examples = [
+    tasks.Example(
+      str(i), f'What is {i} + {i + 1}?', f'{i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}'
+    )
+    for i in range(10)
+  ]
+  config = tiny_train(epochs=2, lr=1e-3)
+  kwargs = dict(
+    workdir=tmp_path,
+    config=config,
+    num_checkpoints=2,
+    seed=5,
+    mesh=mesh,
+    batch_size=16,
+    progress=False,
+  )
+  data, counts = evaluator.build_comparison_data(
+    lambda: random_model(lm_cfg, mesh), CHARS, task, examples, **kwargs
+  )
+  assert sorted(p.name for p in (tmp_path / 'supervisor' / 'snapshots').iterdir()) == [
+    'step_3',
+    'step_6',
+  ]
+  assert counts['checkpoints']['steps'] == [3, 6]
+  assert counts['train']['questions'] == 9 and counts['validation']['questions'] == 1
+  for split in ('train', 'validation'):
+    assert counts[split]['examples'] == len(data[split]) == 2 * counts[split]['pairs']
+    assert counts[split]['pairs'] >= counts[split]['questions']
+  samples = [tmp_path / 'samples' / f'samples_{i}.json' for i in range(2)]
+  assert all(p.exists() for p in samples)
+  # A rerun reads what the first run wrote.
+  again, again_counts = evaluator.build_comparison_data(
+    lambda: pytest.fail('a finished build must not load a model'), CHARS, task, examples, **kwargs
+  )
+  assert again_counts == counts and again['train'].to_list() == data['train'].to_list()
