@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ilr_jax import sharding as shd
@@ -78,7 +79,7 @@ def add_lora(
   rank: int,
   alpha: float,
   targets: str | Sequence[str] = 'all',
-  rng: int | jax.Array = 0,
+  rng: int = 0,
   *,
   mesh=None,
   rules=shd.TRAIN_RULES,
@@ -89,7 +90,7 @@ def add_lora(
     model: a base model (no adapter; merge an existing one first).
     rank, alpha: the adapter's rank R and alpha (scale alpha / R).
     targets: 'all' or names from model.LORA_TARGETS.
-    rng: seed or key of the adapter's A matrices.
+    rng: seed of the adapter's A matrices (numpy, drawn on the host).
     mesh: where the adapter is created (default: the mesh the base parameters live on).
   Returns:
     the LoRA model; its outputs equal the base model's until B moves away from zero.
@@ -105,13 +106,24 @@ def add_lora(
   )
   mesh = _model_mesh(model, mesh)
 
-  def build():
-    return Decoder(cfg, rngs=nnx.Rngs(rng))
-
-  graphdef, abstract_lora, _ = nnx.split(nnx.eval_shape(build), nnx.LoRAParam, ...)
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_lora, _ = nnx.split(abstract, nnx.LoRAParam, ...)
   shardings = shd.state_shardings(abstract_lora, mesh, rules)
-  # Only the adapter leaves the jit; XLA drops the unused base initialisers.
-  lora_state = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam), out_shardings=shardings)()
+  # Drawn on the host: A ~ U(+-sqrt(3 / fan_in)) as model.Linear and PEFT do, B = 0, then each
+  # array is placed straight into its sharding (every process draws the same values, so this
+  # holds on multi-host slices too; no initialiser is compiled).
+  gen = np.random.default_rng(rng)
+  flat_sh = dict(nnx.to_flat_state(shardings))
+  out = {}
+  for path, var in nnx.to_flat_state(abstract_lora):
+    if path[-1] == 'lora_a':
+      lead = 1 if (var.get_metadata().get('out_sharding') or (None,))[0] == 'layers' else 0
+      bound = math.sqrt(3.0 / math.prod(var.shape[lead:-1]))
+      value = gen.uniform(-bound, bound, var.shape).astype(np.float32)
+    else:
+      value = np.zeros(var.shape, np.float32)
+    out[path] = var.replace(shd.put(value.astype(var.dtype), flat_sh[path]))
+  lora_state = nnx.from_flat_state(out)
   return nnx.merge(graphdef, lora_state, nnx.state(model))
 
 

@@ -444,7 +444,8 @@ class TrainState:
 class Trainer:
   """The jitted step functions of one run and the shardings they were compiled for.
 
-  train_step(state, batch, max_targets=None) -> (state, metrics): the state is donated.
+  train_step(state, batch, max_targets=None) -> (state, metrics): the state is donated, except
+    its frozen params (shared with the model the trainer was made from).
   eval_step(state, batch, max_targets=None) -> LossTerms of the batch (no update).
   """
 
@@ -540,12 +541,16 @@ def create_state(
   graphdef, params, frozen = lora_lib.split_trainable(model)
   param_sh = shd.state_shardings(params, mesh, rules)
   frozen_sh = shd.state_shardings(frozen, mesh, rules)
-  params = jax.device_put(params, param_sh)
   frozen = jax.device_put(frozen, frozen_sh)
   opt_sh = shd.state_shardings(jax.eval_shape(tx.init, params), mesh, rules)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   rep = shd.replicated(mesh)
-  step = jax.device_put(jnp.zeros((), jnp.int32), rep)
+
+  def init(params):
+    # The trainable params are copied, since steps donate them: the caller's model stays usable
+    # (the pipeline trains several models from one base). The frozen ones are shared, not donated.
+    return jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), tx.init(params)
+
+  step, params, opt_state = jax.jit(init, out_shardings=(rep, param_sh, opt_sh))(params)
   state = TrainState(step=step, params=params, frozen=frozen, opt_state=opt_state)
   shardings = TrainState(step=rep, params=param_sh, frozen=frozen_sh, opt_state=opt_sh)
   return graphdef, state, shardings
@@ -591,12 +596,21 @@ def make_trainer(
   loss_fn = functools.partial(_call_loss, LOSS_FNS[loss], cfg)
   step = _step_fn(graphdef, loss_fn, tx, schedule, state_sh.params, accum)
   rep = shd.replicated(mesh)
-  # max_targets is static (it sets the gathered shape); jit takes it positionally.
+
+  # Everything but the frozen params is donated (those belong to the caller's base model and
+  # pass through unchanged); max_targets is static (it sets the gathered shape).
+  def split_step(dynamic, frozen, batch, max_targets):
+    step_, params, opt_state = dynamic
+    state = TrainState(step=step_, params=params, frozen=frozen, opt_state=opt_state)
+    new, metrics = step(state, batch, max_targets)
+    return (new.step, new.params, new.opt_state), metrics
+
+  dyn_sh = (state_sh.step, state_sh.params, state_sh.opt_state)
   train_jit = jax.jit(
-    step,
-    in_shardings=(state_sh, b_sh),
-    out_shardings=(state_sh, rep),
-    static_argnums=(2,),
+    split_step,
+    in_shardings=(dyn_sh, state_sh.frozen, b_sh),
+    out_shardings=(dyn_sh, rep),
+    static_argnums=(3,),
     donate_argnums=(0,),
   )
 
@@ -611,7 +625,10 @@ def make_trainer(
   )
 
   def train_step(state: TrainState, batch, max_targets: int | None = None):
-    return train_jit(state, batch, max_targets)
+    dynamic = (state.step, state.params, state.opt_state)
+    (step_, params, opt_state), metrics = train_jit(dynamic, state.frozen, batch, max_targets)
+    new = TrainState(step=step_, params=params, frozen=state.frozen, opt_state=opt_state)
+    return new, metrics
 
   def eval_step(state: TrainState, batch, max_targets: int | None = None) -> LossTerms:
     return eval_jit(state, batch, max_targets)
