@@ -8,16 +8,16 @@ results.jsonl, report.md and accuracy.png into the workdir):
 
 The arg picks the method (sft, ilr, naive, dpo, orailr, oradpo, cororailr, cororadpo, compare) and
 switches:
-  tiny  shrinks everything (2 rounds of 48 labels, few steps, short answers) so the whole pipeline
-        runs in about a minute; the tests use `configs/arith.py:compare,tiny`. Numbers from it
-        mean nothing.
+  tiny  shrinks everything (1 round, 48 labels, 32 one-step test problems, one model size) so
+        the whole pipeline runs in a few minutes; the tests use `configs/arith.py:compare,tiny,all`.
+        Its numbers mean nothing.
   all   with compare: run all eight methods, not only sft, ilr, naive and dpo.
 
 The 3-seed science run: `launch/arith_seeds.sh` (one workdir per seed, then a combined report).
 
-Task tuning (the task, not the methods): problems take 2 to 3 steps with operands up to 30, so
-that the small supervisor gets roughly a third of half B right and the bigger student has room
-above its labels; see docs/RESULTS.md.
+Task tuning (the task, not the methods): problems take 1 or 2 steps with operands up to 20, so
+that the small supervisor's labels are often wrong and the bigger student has room above them;
+see docs/RESULTS.md.
 """
 
 from ilr_jax import pipeline
@@ -30,61 +30,72 @@ def get_config(arg: str = 'compare'):
     config.methods = pipeline.METHODS
   config.num_rounds = 4
 
-  config.task.seed = config.get_ref('seed')  # new seed, new problems
-  config.task.num_train = 1200
-  config.task.num_test = 200
-  config.task.max_new_tokens = 64
-  config.task.min_steps = 2
-  config.task.max_steps = 3
-  config.task.max_operand = 30
+  # The task (tuned, not the methods): one or two operations on numbers up to 20. The small
+  # supervisor labels about a third of half B right; the bigger, longer-pretrained student has room
+  # above its labels. See docs/RESULTS.md for how this was chosen.
+  config.task.seed = config.get_ref('seed')  # a new seed draws new problems too
+  config.task.num_train = 400
+  config.task.num_test = 100
+  config.task.min_steps = 1
+  config.task.max_steps = 2
+  config.task.max_operand = 20
   config.task.max_factor = 4
-  config.task.max_value = 300
-  config.task.distractor_prob = 0.25
+  config.task.max_value = 100
+  config.task.distractor_prob = 0.2
+  config.task.max_new_tokens = 48
 
   tokenizer = 'data/arith/spm.model'
-  for role, preset, steps in (('supervisor', 'tiny', 300), ('student', 'tiny-large', 600)):
+  for role, preset, steps in (('supervisor', 'tiny', 60), ('student', 'tiny-large', 200)):
     model = config[role]
     model.init = 'pretrain'
     model.preset = preset
     model.model_dir = ''
     model.tokenizer = tokenizer
     model.pretrain_steps = steps
-
-  config.pretrain.corpus_size = 20000
+  config.pretrain.corpus_size = 3000
   config.pretrain.lr = 3e-3
   config.pretrain.batch_size = 32
-  config.pretrain.max_len = 96
+  config.pretrain.max_len = 64
 
   # Tiny models train fully (no LoRA) with larger rates than the paper's 7B LoRA runs.
   for train in (config.supervisor_sft, config.sft):
     train.lora_rank = 0
-    train.lr = 1e-3
-    train.epochs = 3
+    train.lr = 2e-3
+    train.epochs = 4
     train.batch_size = 32
-    train.max_len = 192
-  config.supervisor_sft.epochs = 2
+    train.max_len = 128
   config.evaluator_train.lr = 3e-4
   config.evaluator_train.batch_size = 32
-  config.evaluator_train.max_epochs = 3
+  config.evaluator_train.max_epochs = 2
   config.evaluator_train.num_checkpoints = 4
-  config.evaluator_train.max_len = 320
-  config.dpo.lr = 1e-5
+  config.evaluator_train.max_len = 256
+  config.dpo.lr = 2e-5
   config.dpo.batch_size = 16
-  config.dpo.optimizer = 'rmsprop'
   config.sampling.batch_size = 128
   config.sampling.score_batch_size = 64
 
   if 'tiny' in switches:
     config.num_rounds = 1
+    # One-step problems with small numbers: a tiny model learns their format in ~100 steps, so
+    # every stage sees valid labels, agreements and DPO pairs.
     config.task.num_train = 96
     config.task.num_test = 32
-    config.task.max_new_tokens = 40
-    config.supervisor.pretrain_steps = 20
-    config.student.pretrain_steps = 20
-    config.pretrain.corpus_size = 640
+    config.task.min_steps = 1
+    config.task.max_steps = 1
+    config.task.max_operand = 9
+    config.task.max_value = 60
+    config.task.distractor_prob = 0.0
+    config.task.max_new_tokens = 24
+    # One preset for both: every train and sample function then compiles once per run (the
+    # persistent compilation cache serves the other stages), which is most of the time saved.
+    config.student.preset = 'tiny'
+    config.supervisor.pretrain_steps = 10
+    config.student.pretrain_steps = 10
+    config.pretrain.corpus_size = 320
     config.pretrain.max_len = 64
     for train in (config.supervisor_sft, config.sft):
-      train.epochs = 1
+      train.epochs = 30
+      train.lr = 5e-3
       train.batch_size = 16
     config.evaluator_train.max_epochs = 1
     config.evaluator_train.num_checkpoints = 2

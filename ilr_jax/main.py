@@ -12,7 +12,7 @@ naming the key, unless `--recompute_changed` is given.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -68,6 +68,9 @@ def _parse(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax and datasets log every checkpoint at INFO; stage lines are printed by the pipeline.
+    logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
     import jax
 

@@ -120,6 +120,7 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.methods = COMPARE_METHODS if method == 'compare' else (method,)
   c.seed = 0
   c.num_rounds = 6
+  c.compile_cache = True  # JAX's persistent compilation cache under <workdir>/jax_cache
 
   c.task = ml_collections.ConfigDict()
   c.task.name = task
@@ -457,13 +458,21 @@ class Run:
       return convert.load_checkpoint(m.model_dir, mesh=self.mesh, **numerics)
     return convert.load_hf(m.model_dir, mesh=self.mesh, param_dtype=m.param_dtype, **numerics)
 
-  def load(self, stage: str):
-    """The model a finished stage saved."""
-    from ilr_jax import convert
+  def load(self, stage: str, role: str = 'student'):
+    """The model a finished stage trained: its fit's final params on the role's base.
 
-    return convert.load_checkpoint(self.wd.path(stage, 'model'), mesh=self.mesh)
+    Only the trainable params are stored per stage (the adapter under LoRA), never a second copy
+    of a 7B base.
+    """
+    from ilr_jax import evaluator, fit
 
-  def save(self, model, stage: str) -> None:
+    base = self.base(role)
+    if role == 'evaluator':
+      base = evaluator.with_score_head(base, mesh=self.mesh)
+    return fit.load_params(base, self.wd.path(stage, 'fit', 'final'))
+
+  def save_base(self, model, stage: str) -> None:
+    """Save a whole model (a pretrained arith base) as the stage's `model` checkpoint."""
     from ilr_jax import convert
 
     path = self.wd.path(stage, 'model')
@@ -541,6 +550,7 @@ def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> li
     seed=_stage_seed(run.config.seed, stage + '/' + use),
     batch_size=run.config.sampling.batch_size,
     mesh=run.mesh,
+    desc=f'{stage} ({use})',
   )
   texts = result.texts
   return [t if isinstance(t, list) else [t] for t in texts]
@@ -601,7 +611,7 @@ def stage_pretrain(run: Run, role: str) -> dict:
     )
   )
   model, result = _fit(run, stage, model, examples, 'sft', tcfg)
-  run.save(model, stage)
+  run.save_base(model, stage)
   return {'final_loss': _final(result, 'loss')}
 
 
@@ -628,7 +638,6 @@ def stage_supervisor(run: Run) -> dict:
     c.supervisor_sft,
     train_options=dict(checkpoint_fractions=tuple((i + 1) / n for i in range(n))),
   )
-  run.save(model, stage)
   return _evaluate(run, model, 'supervisor', stage)
 
 
@@ -654,7 +663,7 @@ def _correct(run: Run, answers, examples) -> list[bool]:
 def stage_weak_labels(run: Run) -> dict:
   """D0: the supervisor's answers on half B (label decoding), with provenance."""
   stage = 'weak_labels'
-  model = run.load('supervisor')
+  model = run.load('supervisor', 'supervisor')
   qs = [e.question for e in run.half_b]
   labels = [t[0] for t in _generate(run, model, 'supervisor', qs, 'label', stage)]
   correct = _correct(run, labels, run.half_b)
@@ -697,7 +706,6 @@ def stage_student(run: Run, stage: str, labels_stage: str, evaluate: bool = True
   model = run.base('student')
   examples = _sft_examples(run, 'student', d['question'], d['label'])
   model, _ = _fit(run, stage, model, examples, 'sft', run.config.sft)
-  run.save(model, stage)
   out = {'num_train': len(examples)}
   if evaluate:
     out.update(_evaluate(run, model, 'student', stage))
@@ -744,7 +752,7 @@ def _scorer(run: Run, method: str):
   if method in EVALUATOR_METHODS:
     et = run.config.evaluator_train
     return evaluator.EvaluatorScorer(
-      run.load('evaluator'),
+      run.load('evaluator', 'evaluator'),
       run.tok('evaluator'),
       batch_size=run.config.sampling.score_batch_size,
       max_len=et.max_len,
@@ -827,7 +835,7 @@ def stage_refine(run: Run, method: str, k: int, prev: str) -> dict:
 
 def stage_dpo_pairs(run: Run, method: str, k: int, policy_stage: str) -> dict:
   """SFT+DPO round k, data: policy k-1 samples, the pairs (1,2),(3,4),(5,6), top by confidence."""
-  from ilr_jax import refine, train
+  from ilr_jax import refine
 
   c, stage = run.config, f'{method}/r{k}/pairs'
   policy = run.load(policy_stage)
@@ -859,8 +867,6 @@ def stage_dpo_pairs(run: Run, method: str, k: int, policy_stage: str) -> dict:
   flat_correct = np.empty(len(flat), bool)
   flat_correct[first], flat_correct[second] = correct_a, correct_b
   ch_ok, rej_ok = flat_correct[chosen_idx], flat_correct[rejected_idx]
-  tok = run.tok('student')
-  ref_c, ref_r = _ref_logps(run, policy, tok, [pq[i] for i in kept], chosen, rejected)
   if is_writer():
     write_json(
       run.wd.path(stage, 'pairs.json'),
@@ -876,12 +882,9 @@ def stage_dpo_pairs(run: Run, method: str, k: int, policy_stage: str) -> dict:
         'score': scores[kept].tolist(),
         'chosen_correct': ch_ok.tolist(),
         'rejected_correct': rej_ok.tolist(),
-        'ref_chosen_logps': ref_c,
-        'ref_rejected_logps': ref_r,
       },
     )
   differ = ch_ok != rej_ok
-  del train
   return {
     'dpo_pairs': int(sel.num_kept),
     'dpo_candidates': int(len(a)),
@@ -892,57 +895,26 @@ def stage_dpo_pairs(run: Run, method: str, k: int, policy_stage: str) -> dict:
   }
 
 
-def _dpo_tokens(tok, question: str, answer: str):
+def stage_dpo_policy(run: Run, method: str, k: int, policy_stage: str) -> dict:
+  """SFT+DPO round k, training: DPO from policy k-1 (reference = policy k-1), then evaluation.
+
+  The reference log-probs are computed here, with policy k-1, before training (deterministic, so
+  a resumed stage recomputes the same values).
+  """
+  from ilr_jax import fit
   from ilr_jax.tokens import sft_example
 
-  return sft_example(tok, question, answer)
-
-
-def _ref_logps(run: Run, policy, tok, questions, chosen, rejected) -> tuple[list, list]:
-  """Reference log-probs (sums over answer tokens) of the pairs under the reference policy."""
-  from ilr_jax import train
-  from ilr_jax.tokens import pad_batch
-
-  bs = run.config.dpo.batch_size
-  out = []
-  for answers in (chosen, rejected):
-    seqs = [_dpo_tokens(tok, q, a) for q, a in zip(questions, answers)]
-    logps = []
-    for s in range(0, len(seqs), bs):
-      chunk = seqs[s : s + bs]
-      chunk = chunk + [chunk[-1]] * (bs - len(chunk))  # fixed batch shape: one compilation
-      tokens, mask = pad_batch([ids for ids, _ in chunk], pad_id=tok.pad_id, multiple=64)
-      loss_mask, _ = pad_batch([lm for _, lm in chunk], length=tokens.shape[1], pad_id=0)
-      got = np.asarray(train.sequence_logps(policy, tokens, mask, loss_mask))
-      logps += got[: min(bs, len(seqs) - s)].tolist()
-    out.append([float(x) for x in logps])
-  return out[0], out[1]
-
-
-def stage_dpo_policy(run: Run, method: str, k: int, policy_stage: str) -> dict:
-  """SFT+DPO round k, training: DPO from policy k-1 (reference = policy k-1), then evaluation."""
   c, stage = run.config, f'{method}/r{k}/policy'
   pairs = read_json(run.wd.path(f'{method}/r{k}/pairs', 'pairs.json'))
   policy = run.load(policy_stage)
   tok = run.tok('student')
-  examples = []
-  for q, ch, rj, rc, rr in zip(
-    pairs['question'],
-    pairs['chosen'],
-    pairs['rejected'],
-    pairs['ref_chosen_logps'],
-    pairs['ref_rejected_logps'],
-  ):
-    examples.append(
-      dict(
-        chosen=_dpo_tokens(tok, q, ch),
-        rejected=_dpo_tokens(tok, q, rj),
-        ref_chosen_logps=rc,
-        ref_rejected_logps=rr,
-      )
-    )
+  examples = [
+    fit.Pair.from_examples(sft_example(tok, q, ch), sft_example(tok, q, rj))
+    for q, ch, rj in zip(pairs['question'], pairs['chosen'], pairs['rejected'])
+  ]
   out = {'dpo_pairs': len(examples)}
   if examples:
+    examples = fit.with_reference_logps(policy, examples, batch_size=c.dpo.batch_size)
     policy, result = _fit(
       run,
       stage,
@@ -954,45 +926,52 @@ def stage_dpo_policy(run: Run, method: str, k: int, policy_stage: str) -> dict:
         dpo_beta=c.dpo.beta, lora_rank=policy.cfg.lora_rank, lora_alpha=policy.cfg.lora_alpha
       ),
     )
-    for key, name in (('margin', 'dpo_reward_margin'), ('accuracy', 'dpo_reward_accuracy')):
-      out[name] = _final(result, f'rewards/{key}') if key == 'margin' else _final(result, key)
-  run.save(policy, stage)
+    out['dpo_reward_margin'] = _final(result, 'rewards/margin')
+    out['dpo_reward_accuracy'] = _final(result, 'rewards/accuracy')
+  elif is_writer():  # no pair survived the cut: policy k is policy k-1
+    fit.save_params(policy, run.wd.path(stage, 'fit', 'final'), force=True)
+  sync(f'policy:{stage}')
   out.update(_evaluate(run, policy, 'student', stage))
   return out
 
 
 def stage_evaluator_data(run: Run) -> dict:
-  """Comparison data: every kept supervisor checkpoint samples one answer per half-A prompt."""
+  """Comparison data: each kept snapshot of the supervisor's fit samples one answer per half-A
+  prompt (temperature 0.6). The supervisor is exactly METHOD.md's supervisor-sized model trained
+  on half A's ground truth, so its fit doubles as the evaluator-data model (one fit saved)."""
   from ilr_jax import evaluator, fit
 
-  stage = 'evaluator_data'
-  qs = [e.question for e in run.half_a]
-  samples, correct = [], []
-  ckpts = fit.fit_checkpoints(run.wd.path('supervisor', 'fit'))
-  if len(ckpts) < run.config.evaluator_train.num_checkpoints:
+  stage, et = 'evaluator_data', run.config.evaluator_train
+  snapshots = fit.fit_checkpoints(run.wd.path('supervisor', 'fit'))
+  if len(snapshots) != et.num_checkpoints:
     raise RuntimeError(
-      f'{stage}: the supervisor kept {len(ckpts)} checkpoints, expected '
-      f'{run.config.evaluator_train.num_checkpoints}'
+      f'{stage}: the supervisor kept {len(snapshots)} snapshots, expected {et.num_checkpoints} '
+      '(too few training steps for --config.evaluator_train.num_checkpoints?)'
     )
-  base = run.base('supervisor')
-  for i, (_, path) in enumerate(ckpts):
-    model = fit.load_params(base, path)
-    answers = [
-      t[0] for t in _generate(run, model, 'supervisor', qs, 'evaluator_data', f'{stage}/{i}')
-    ]
-    samples.append(answers)
-    correct.append(_correct(run, answers, run.half_a))
+  seed = _stage_seed(run.config.seed, stage)
+  samples, correct = evaluator.sample_checkpoints(
+    lambda: run.base('supervisor'),
+    [p for _, p in snapshots],
+    run.tok('supervisor'),
+    run.task,
+    run.half_a,
+    seed=seed,
+    batch_size=run.config.sampling.batch_size,
+    mesh=run.mesh,
+    out_dir=run.wd.path(stage, 'samples'),
+  )
   data, counts = evaluator.comparison_dataset(
-    qs,
+    [e.question for e in run.half_a],
     [e.answer for e in run.half_a],
     samples,
     correct,
-    seed=_stage_seed(run.config.seed, stage),
-    val_frac=run.config.evaluator_train.val_frac,
+    seed=seed,
+    val_frac=et.val_frac,
     ids=[e.id for e in run.half_a],
   )
   if is_writer():
     evaluator.save_comparison_data(run.wd.path(stage, 'data'), data, counts)
+  sync(stage)
   return {'counts': counts, 'checkpoint_accuracy': [float(np.mean(c)) for c in correct]}
 
 
@@ -1015,9 +994,12 @@ def stage_evaluator(run: Run) -> dict:
     patience=et.patience,
     max_len=et.max_len,
     too_long=et.too_long,
+    score_batch_size=run.config.sampling.score_batch_size,
   )
-  run.save(model, stage)
-  return {'evaluator_accuracy': _final(result, 'val_accuracy')}
+  return {
+    'evaluator_accuracy': _final(result, 'val_pair_accuracy'),
+    'evaluator_example_accuracy': _final(result, 'val_accuracy'),
+  }
 
 
 # -- the whole run ---------------------------------------------------------------------------------
@@ -1051,9 +1033,13 @@ def _execute(run: Run, wd) -> None:
         steps[f'{r}/policy'] = functools.partial(stage_dpo_policy, run, m, k, model)
         model = f'{r}/policy'
   for name in wd.stages:
+    if wd.done(name):
+      continue
     t0 = time.perf_counter()
-    wd.run(name, steps[name])
-    log.info('stage %s: %.1f s', name, time.perf_counter() - t0)
+    metrics = wd.run(name, steps[name])
+    if is_writer():
+      shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+      print(f'[ilr_jax] stage {name} done in {time.perf_counter() - t0:.1f} s: {shown}', flush=True)
 
 
 def results(config, wd) -> list[dict]:
@@ -1127,6 +1113,17 @@ def results(config, wd) -> list[dict]:
   return rows
 
 
+def _enable_compile_cache(path) -> None:
+  """JAX's persistent compilation cache: every stage builds its own jitted train and sample
+  functions, and those of equal shapes compile to the same program, which is then compiled once
+  per run instead of once per stage (most of a CPU run's time otherwise)."""
+  import jax
+
+  jax.config.update('jax_compilation_cache_dir', os.fspath(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def run(config, workdir: str, recompute_changed: bool = False) -> str:
   """Validate, check the workdir, run every unfinished stage, write the report; returns the table.
 
@@ -1140,6 +1137,8 @@ def run(config, workdir: str, recompute_changed: bool = False) -> str:
   wd = check_workdir(config, workdir, recompute_changed)
   if is_writer():
     write_json(wd.root / 'config.json', config.to_dict())
+  if config.compile_cache:
+    _enable_compile_cache(wd.root / 'jax_cache')
   runner = Run(config, wd)
   _execute(runner, wd)
   rows = results(config, wd)
