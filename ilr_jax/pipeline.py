@@ -779,8 +779,8 @@ def stage_refine(run: Run, method: str, k: int, prev: str) -> dict:
       proposal[pos[x]] = p
   if any(p is None for p in proposal):
     raise RuntimeError(f'{stage}: the half models proposed for {proposal.count(None)} of {n} rows')
-  by_q = {e.question: e for e in run.half_b}
-  examples = [by_q[q] for q in d['question']]
+  by_id = {e.id: e for e in run.half_b}
+  examples = [by_id[x] for x in d['id']]
   scores = np.full(n, math.nan)
   if method == 'naive':
     agree = np.zeros(n, bool)
@@ -1042,8 +1042,12 @@ def _execute(run: Run, wd) -> None:
       print(f'[ilr_jax] stage {name} done in {time.perf_counter() - t0:.1f} s: {shown}', flush=True)
 
 
-def results(config, wd) -> list[dict]:
-  """One row per (method, round) from the finished stages' records (see report.py)."""
+def results(config, wd, partial: bool = False) -> list[dict]:
+  """One row per (method, round) from the finished stages' records (see report.py).
+
+  With `partial`, rounds whose stages have not finished are left out (a report of a run still
+  going); otherwise a missing record is an error.
+  """
   seed = config.seed
   rec = lambda s: wd.record(s)  # noqa: E731
   sup, weak = rec('supervisor'), rec('weak_labels')
@@ -1061,6 +1065,8 @@ def results(config, wd) -> list[dict]:
   ]
   for m in ('sft',) + tuple(x for x in config.methods if x != 'sft'):
     labels, model = _round0(m)
+    if partial and not (wd.done(labels) and wd.done(model)):
+      continue
     r0 = dict(
       seed=seed,
       method=m,
@@ -1078,6 +1084,8 @@ def results(config, wd) -> list[dict]:
     for k in range(1, config.num_rounds + 1):
       r = f'{m}/r{k}'
       row = dict(seed=seed, method=m, round=k)
+      if partial and not wd.done(f'{r}/model' if m in ILR_METHODS else f'{r}/policy'):
+        break
       if m in ILR_METHODS:
         lab, mod = rec(f'{r}/labels'), rec(f'{r}/model')
         halves = [rec(half_stage(labels, i)) for i in (1, 2)]

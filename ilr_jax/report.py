@@ -216,14 +216,34 @@ def write_report(
   return table
 
 
-def combine(workdirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, title: str) -> str:
-  """One report over several runs (e.g. seeds): their results.jsonl rows, mean ± std tables."""
+def partial_results(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """Rows of the finished rounds of a run that may still be going (from its stage records)."""
+  import ml_collections
+
+  from ilr_jax import pipeline
+
+  root = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(wdlib.read_json(root / 'config.json'))
+  wd = wdlib.Workdir(root, config.to_dict(), pipeline.plan(config))
+  return pipeline.results(config, wd, partial=True)
+
+
+def combine(
+  workdirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, title: str, partial=False
+) -> str:
+  """One report over several runs (e.g. seeds): their results.jsonl rows, mean ± std tables.
+
+  With `partial`, a run without results.jsonl contributes the rounds it has finished so far.
+  """
   rows = []
   for wd in workdirs:
     path = pathlib.Path(wd) / 'results.jsonl'
-    if not path.exists():
+    if path.exists():
+      rows += read_results(path)
+    elif partial:
+      rows += partial_results(wd)
+    else:
       raise FileNotFoundError(f'{path} does not exist: has the run in {wd} finished?')
-    rows += read_results(path)
   pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
   return write_report(out_dir, rows, title=title)
 
@@ -233,7 +253,7 @@ def _main(argv):
   from absl import flags
 
   f = flags.FLAGS
-  print(combine(f.workdirs, f.out, f.title), flush=True)
+  print(combine(f.workdirs, f.out, f.title, partial=f.partial), flush=True)
 
 
 if __name__ == '__main__':
@@ -242,5 +262,6 @@ if __name__ == '__main__':
   flags.DEFINE_list('workdirs', None, 'finished pipeline workdirs to combine (e.g. one per seed)')
   flags.DEFINE_string('out', None, 'where results.jsonl, report.md and accuracy.png go')
   flags.DEFINE_string('title', 'ILR vs SFT+DPO, mean over seeds', 'report title')
+  flags.DEFINE_bool('partial', False, 'include the finished rounds of runs still going')
   flags.mark_flags_as_required(['workdirs', 'out'])
   app.run(_main)
