@@ -120,7 +120,8 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.methods = COMPARE_METHODS if method == 'compare' else (method,)
   c.seed = 0
   c.num_rounds = 6
-  c.compile_cache = True  # JAX's persistent compilation cache under <workdir>/jax_cache
+  c.compile_cache = True  # JAX's persistent compilation cache (results do not depend on it)
+  c.compile_cache_dir = ''  # '' is <workdir>/jax_cache; runs of equal shapes (seeds) may share one
 
   c.task = ml_collections.ConfigDict()
   c.task.name = task
@@ -1146,7 +1147,7 @@ def run(config, workdir: str, recompute_changed: bool = False) -> str:
   if is_writer():
     write_json(wd.root / 'config.json', config.to_dict())
   if config.compile_cache:
-    _enable_compile_cache(wd.root / 'jax_cache')
+    _enable_compile_cache(config.compile_cache_dir or wd.root / 'jax_cache')
   runner = Run(config, wd)
   _execute(runner, wd)
   rows = results(config, wd)

@@ -14,8 +14,9 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do SEEDS+=("$1"); shift; done
 PY="${PYTHON:-python}"
 DIRS=()
 for s in "${SEEDS[@]}"; do
+  # One compilation cache for all seeds: their programs have the same shapes.
   "$PY" -m ilr_jax.main --config=configs/arith.py:compare --workdir="$OUT/seed_$s" \
-    --config.seed="$s" "$@"
+    --config.seed="$s" --config.compile_cache_dir="$OUT/jax_cache" "$@"
   DIRS+=("$OUT/seed_$s")
 done
 "$PY" -m ilr_jax.report --workdirs="$(IFS=,; echo "${DIRS[*]}")" --out="$OUT"
