@@ -245,6 +245,29 @@ def test_sample_frequencies_match_target(method):
   assert chi2 < chi2_critical(int(support.sum()) - 1), (chi2, counts, expected)
 
 
+def test_inverse_cdf_over_many_blocks():
+  # A vocabulary of several blocks with zero-weight tokens (removed ones) in between and at the
+  # end; u = 0 and u just below 1 hit the first and the last token that carry weight.
+  rng = np.random.default_rng(0)
+  v = 3 * S.BLOCK + 17
+  w = np.exp(2.0 * rng.standard_normal(v)).astype(np.float32)
+  w[rng.random(v) < 0.3] = 0.0
+  w[-40:] = 0.0
+  n = 40000
+  u = jax.random.uniform(jax.random.key(1), (n,))
+  draws = np.asarray(jax.jit(S.inverse_cdf)(jnp.broadcast_to(w, (n, v)), u))
+  counts = np.bincount(draws, minlength=v)
+  assert (counts[w == 0] == 0).all()
+  p = w / w.sum()
+  big = n * p >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(n * p[big], n * p[~big].sum())
+  chi2 = float(((obs - exp) ** 2 / exp).sum())
+  assert chi2 < chi2_critical(len(obs) - 1), chi2
+  ends = np.asarray(S.inverse_cdf(jnp.asarray([w, w]), jnp.asarray([0.0, 1.0 - 1e-7])))
+  assert list(ends) == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
+
+
 def test_samples_share_prefill_and_follow_the_model(model):
   # n samples of one prompt (one prefill, copied cache rows): first-token frequencies follow the
   # model's softmax, the samples are independent of each other, and the seed decides them.
