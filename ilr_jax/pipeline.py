@@ -706,6 +706,8 @@ def stage_student(run: Run, stage: str, labels_stage: str, evaluate: bool = True
   d = load_label_set(run.wd.path(labels_stage, 'labels'))
   model = run.base('student')
   examples = _sft_examples(run, 'student', d['question'], d['label'])
+  if not examples:
+    raise RuntimeError(f'{stage}: the label set {labels_stage} holds no valid label to train on')
   model, _ = _fit(run, stage, model, examples, 'sft', run.config.sft)
   out = {'num_train': len(examples)}
   if evaluate:
@@ -929,7 +931,7 @@ def stage_dpo_policy(run: Run, method: str, k: int, policy_stage: str) -> dict:
     )
     out['dpo_reward_margin'] = _final(result, 'rewards/margin')
     out['dpo_reward_accuracy'] = _final(result, 'rewards/accuracy')
-  elif is_writer():  # no pair survived the cut: policy k is policy k-1
+  else:  # no pair survived the cut: policy k is policy k-1 (orbax saves on every process)
     fit.save_params(policy, run.wd.path(stage, 'fit', 'final'), force=True)
   sync(f'policy:{stage}')
   out.update(_evaluate(run, policy, 'student', stage))
