@@ -226,7 +226,9 @@ def comparison_dataset(
       a=datasets.Value('string'),
       b=datasets.Value('string'),
     )
-    splits[name] = datasets.Dataset.from_list(rows, features=features)
+    # Column-wise, so that an empty split (e.g. val_frac=0) still has its columns.
+    columns = {k: [r[k] for r in rows] for k in features}
+    splits[name] = datasets.Dataset.from_dict(columns, features=features)
   return datasets.DatasetDict(splits), counts
 
 
@@ -319,6 +321,7 @@ def sample_checkpoints(
           correct=correct[-1],
         ),
       )
+    wd.sync(f'evaluator:samples_{i}')  # every process then sees the file on a rerun
   return samples, correct
 
 

@@ -231,6 +231,10 @@ def test_comparison_dataset_split_and_counts(tmp_path):
   evaluator.save_comparison_data(tmp_path / 'evaluator_data', data, counts)
   loaded, loaded_counts = evaluator.load_comparison_data(tmp_path / 'evaluator_data')
   assert loaded_counts == counts and loaded['validation'].to_list() == data['validation'].to_list()
+  # One question: floor(0.9 * 1) = 0 train questions, and the empty split keeps its columns.
+  one, one_counts = evaluator.comparison_dataset(['q'], ['gt'], [['s']], [[False]])
+  assert len(one['train']) == 0 and one_counts['train']['pairs'] == 0
+  assert one['train'].column_names == data['train'].column_names and len(one['validation']) == 2
   with pytest.raises(ValueError, match='checkpoint 1 has'):
     evaluator.comparison_dataset(questions, refs, [samples[0], samples[1][:3]], correct[:2])
 
