@@ -666,3 +666,118 @@ def _dpo_step(ctx: BenchContext) -> Case:
 @workload('dpo_step_lora')
 def _dpo_step_lora(ctx: BenchContext) -> Case:
   return _dpo_case(ctx, lora_rank=64)
+
+
+# -- evaluator workloads: classify_batched, classify_single, pair_scorer (evaluator.py) ----------
+
+
+def _evaluator_setup(ctx: BenchContext):
+  """A random 2-class evaluator (JAX scorer and, with --peer=torch, transformers' model) and 64
+  random prompts of 192 tokens (BENCH.md: classify_*); --batch sets prompts per batch."""
+  import logging
+
+  from ilr_jax import evaluator
+  from ilr_jax.tokens import Tokenizer
+
+  # The scorer logs its throughput on every call; the harness reports timings itself.
+  logging.getLogger(evaluator.__name__).setLevel(logging.WARNING)
+  # pad id 0 never occurs in the prompts (ids in [3, vocab)), so HF reads the last token too.
+  cfg = ctx.cfg.replace(num_labels=2, pad_token_id=0)
+  batch, t, n = ctx.batch or 16, ctx.seq_len or 192, 64
+  tokens = ctx.tokens(n, t)
+  tok = Tokenizer(
+    encode=list,
+    decode=str,
+    bos_id=1,
+    eos_id=2,
+    pad_id=0,
+    vocab_size=cfg.vocab_size,
+    source='bench',
+  )
+  model = shd.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(ctx.seed)), ctx.mesh)
+  scorer = evaluator.EvaluatorScorer(model, tok, batch_size=batch // 2, bucket=t, progress=False)
+  torch_cls = None
+  if ctx.peer == 'torch':
+    import torch
+    import transformers
+
+    torch.manual_seed(ctx.seed)
+    hf_cfg = transformers.AutoConfig.for_model(**convert.hf_config_dict(cfg))
+    dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg.param_dtype]
+    torch_cls = transformers.AutoModelForSequenceClassification.from_config(hf_cfg, dtype=dtype)
+    torch_cls.to(torch_device()).eval()
+  fields = {'prompts': n, 'seq_len': t, 'batch': batch}
+  flops = forward_flops(cfg, n * t, t, 0)
+  return scorer, torch_cls, tokens, batch, fields, flops
+
+
+def _torch_classify(model, ids_BT):
+  import torch
+
+  with torch.inference_mode():
+    ids = torch.as_tensor(ids_BT, dtype=torch.long, device=torch_device())
+    return torch.softmax(model(input_ids=ids).logits.float(), dim=-1)
+
+
+@workload('classify_batched')
+def _classify_batched(ctx: BenchContext) -> Case:
+  scorer, torch_cls, tokens, batch, fields, flops = _evaluator_setup(ctx)
+  n, t = tokens.shape
+  mask = np.ones((batch, t), np.int32)
+  placed = [(scorer.place(tokens[s : s + batch]), scorer.place(mask)) for s in range(0, n, batch)]
+
+  def jax_fn():
+    return [jax.nn.softmax(scorer.classify(x, m), axis=-1) for x, m in placed]
+
+  torch_fn = None
+  if torch_cls is not None:
+
+    def torch_fn():
+      return [_torch_classify(torch_cls, tokens[s : s + batch]) for s in range(0, n, batch)]
+
+  return Case(jax_fn, torch_fn, n, 'items', flops, fields)
+
+
+@workload('classify_single')
+def _classify_single(ctx: BenchContext) -> Case:
+  scorer, torch_cls, tokens, _, fields, flops = _evaluator_setup(ctx)
+  n, t = tokens.shape
+  mask = np.ones((1, t), np.int32)
+  placed_mask = scorer.place(mask)
+  placed = [scorer.place(tokens[i : i + 1]) for i in range(n)]
+
+  def jax_fn():
+    return [jax.nn.softmax(scorer.classify(x, placed_mask), axis=-1) for x in placed]
+
+  torch_fn = None
+  if torch_cls is not None:
+
+    def torch_fn():
+      return [_torch_classify(torch_cls, tokens[i : i + 1]) for i in range(n)]
+
+  return Case(jax_fn, torch_fn, n, 'items', flops, {**fields, 'batch': 1})
+
+
+@workload('pair_scorer')
+def _pair_scorer(ctx: BenchContext) -> Case:
+  """The two-order pair scorer on 32 pairs (the 64 prompts: first and second orders), host-side
+  bucketing included, against the released code's loop: one prompt per PyTorch call."""
+  scorer, torch_cls, tokens, _, fields, flops = _evaluator_setup(ctx)
+  pairs = tokens.shape[0] // 2
+  firsts, seconds = [list(r) for r in tokens[:pairs]], [list(r) for r in tokens[pairs:]]
+
+  def jax_fn():
+    return scorer.score_ids(firsts, seconds)
+
+  torch_fn = None
+  if torch_cls is not None:
+
+    def torch_fn():
+      out = np.zeros(pairs)
+      for i in range(pairs):
+        p_ab = _torch_classify(torch_cls, tokens[i : i + 1])[0].cpu().numpy()
+        p_ba = _torch_classify(torch_cls, tokens[pairs + i : pairs + i + 1])[0].cpu().numpy()
+        out[i] = 0.5 * (p_ab[1] + p_ba[0])
+      return out
+
+  return Case(jax_fn, torch_fn, pairs, 'items', flops, {**fields, 'pairs': pairs})
