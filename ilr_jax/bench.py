@@ -781,3 +781,103 @@ def _pair_scorer(ctx: BenchContext) -> Case:
       return out
 
   return Case(jax_fn, torch_fn, pairs, 'items', flops, {**fields, 'pairs': pairs})
+
+
+# -- generation workloads: generate_greedy, generate_sample, generate_beam4 (sampler.py) --------
+# One timed call decodes a batch of random prompts (prefill included) to exactly --seq_len new
+# tokens (default 64, as long as the prompts) on both sides: ours with no stop token, transformers'
+# `generate` with min_new_tokens = max_new_tokens. On an accelerator each record also carries the
+# memory-bandwidth bound of the decode steps (weights plus the mean KV cache read once per step):
+# tokens_per_s / bw_bound_tokens_per_s is the fraction of the bound reached.
+
+# HBM bandwidth in bytes/s by device kind (substring of jax's device_kind).
+HBM_BYTES_PER_S = {'H100': 3.35e12, 'H200': 4.8e12, 'A100': 2.0e12}
+
+
+def _decode_bound(cfg: ModelConfig, prompts: int, rows: int, prompt: int, new: int) -> float | None:
+  """New tokens/s (of the prompts) if each decode step only read the weights and the mean KV
+  cache of its rows once from memory."""
+  kind = jax.devices()[0].device_kind
+  bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in kind), None)
+  if bw is None or jax.devices()[0].platform == 'cpu':
+    return None
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  d, f, n, k, h, layers = (
+    cfg.hidden_size,
+    cfg.intermediate_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.num_layers,
+  )
+  weights = layers * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + d * cfg.vocab_size
+  cache = 2 * layers * rows * (prompt + new / 2) * k * h
+  return prompts / ((weights + cache) * itemsize / bw)
+
+
+def _generate_case(ctx: BenchContext, method, prompts: int) -> Case:
+  from ilr_jax import sampler as sampler_lib
+
+  b, p = ctx.batch or prompts, ctx.seq_len or 64
+  m = p
+  tokens = ctx.tokens(b, p)
+  mask = np.ones((b, p), np.int32)
+  sampler = sampler_lib.Sampler(_jax_model(ctx, 0), mesh=ctx.mesh)
+  beam = isinstance(method, sampler_lib.BeamSearch)
+
+  def jax_fn():
+    return sampler(tokens, mask, method, max_new_tokens=m, stop_ids=()).tokens
+
+  torch_fn = None
+  if ctx.peer == 'torch':
+    import torch
+
+    tm = torch_model(ctx).eval()
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=torch_device())
+    am = torch.ones_like(ids)
+    if isinstance(method, sampler_lib.Sample):
+      kw = dict(do_sample=True, temperature=method.temperature, top_k=0, top_p=method.top_p)
+    elif beam:
+      kw = dict(
+        do_sample=False,
+        num_beams=method.num_beams,
+        length_penalty=method.length_penalty,
+        early_stopping=method.early_stopping,
+      )
+    else:
+      kw = dict(do_sample=False)
+
+    def torch_fn():
+      with torch.inference_mode():
+        return tm.generate(
+          ids, attention_mask=am, max_new_tokens=m, min_new_tokens=m, pad_token_id=0, **kw
+        )
+
+  rows = b * (method.num_beams if beam else 1)
+  flops = forward_flops(ctx.cfg, rows * (p + m), p + m, rows * m)
+  fields = {'prompts': b, 'prompt_len': p, 'new_tokens': m, 'rows': rows}
+  bound = _decode_bound(ctx.cfg, b, rows, p, m)
+  if bound:
+    fields['bw_bound_tokens_per_s'] = bound
+  return Case(jax_fn, torch_fn, b * m, 'tokens', flops, fields)
+
+
+@workload('generate_greedy')
+def _generate_greedy(ctx: BenchContext) -> Case:
+  from ilr_jax.sampler import Greedy
+
+  return _generate_case(ctx, Greedy(), 16)
+
+
+@workload('generate_sample')
+def _generate_sample(ctx: BenchContext) -> Case:
+  from ilr_jax.sampler import Sample
+
+  return _generate_case(ctx, Sample(temperature=0.7, top_k=0, top_p=1.0), 16)
+
+
+@workload('generate_beam4')
+def _generate_beam4(ctx: BenchContext) -> Case:
+  from ilr_jax.sampler import BeamSearch
+
+  return _generate_case(ctx, BeamSearch(num_beams=4, length_penalty=1.0), 4)

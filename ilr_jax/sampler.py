@@ -284,7 +284,10 @@ def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, sp
   # n samples per prompt share the prompt's prefill: copy its cache rows, do not recompute.
   cache = jax.tree.map(lambda c: _repeat_rows(c, n, axis=1), cache)
   logits = _repeat_rows(logits, n)
-  keys = _row_keys(seed, row_ids_B, n)
+  if isinstance(spec.method, Greedy):  # no randomness: skip the key derivation (compile time)
+    keys = jnp.zeros((b * n, 2), jnp.uint32)
+  else:
+    keys = _row_keys(seed, row_ids_B, n)
   step = jnp.zeros((), jnp.int32)
   tok = choose(logits, jax.random.wrap_key_data(keys), step, spec.method)
   done = _is_stop(tok, spec.stop_ids)

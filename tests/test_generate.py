@@ -184,3 +184,27 @@ def test_command_line_prints_answers(tmp_path):
   cmd[3] = f'--model={tmp_path / "missing"}'
   bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
   assert bad.returncode != 0 and 'does not exist' in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_generate_workloads_smoke():
+  # The generate_* benchmark workloads on bench-tiny with short overrides: both backends decode
+  # exactly the requested number of new tokens, and the harness reports them.
+  import torch
+
+  from ilr_jax import bench
+  from ilr_jax import sharding as shd
+
+  cfg = bench.model_config('bench-tiny', 'mistral')
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  ctx = bench.BenchContext('bench-tiny', 'mistral', cfg, 'torch', 0, mesh, batch=4, seq_len=8)
+  for name in ('generate_greedy', 'generate_sample', 'generate_beam4'):
+    case = bench.WORKLOADS[name](ctx)
+    assert np.asarray(case.jax_fn()).shape == (4, 1, 8)
+    with torch.inference_mode():
+      assert tuple(case.torch_fn().shape) == (4, 16)
+    assert case.count == 4 * 8 and case.fields['new_tokens'] == 8
+  records = bench.run_workload('generate_beam4', ctx, warmup=1, min_reps=1, max_reps=1, min_time=0)
+  jax_rec, torch_rec, ratio = records
+  assert (jax_rec['backend'], torch_rec['backend']) == ('jax', 'torch')
+  assert jax_rec['rows'] == 16 and jax_rec['tokens_per_s'] > 0 and ratio['speedup'] > 0
