@@ -1,0 +1,179 @@
+"""The whole pipeline on `configs/arith.py:compare,tiny,all`: artifacts, kill/resume, refusal.
+
+Two runs of the tiny setting go at once in subprocesses (2 fake devices each, so batches are
+sharded): one uninterrupted, one SIGKILLed at several stages (config `debug.kill_at`) and rerun
+until it finishes. Their results and label sets must be equal; the uninterrupted run's artifacts
+are checked against the method's rules.
+"""
+
+import concurrent.futures
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ilr_jax import tasks, workdir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = 'configs/arith.py:compare,tiny,all'
+KILLS = ('weak_labels', 'halves/weak_labels/m2:outputs', 'ilr/r1/labels', 'dpo/r1/pairs:outputs')
+ALPHA = 0.15
+
+
+def _main(wd, *extra, timeout=900):
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    TOKENIZERS_PARALLELISM='false',
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  )
+  cmd = [sys.executable, '-m', 'ilr_jax.main', f'--config={CONFIG}', f'--workdir={wd}', *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _killed_then_resumed(wd):
+  codes = []
+  for stage in KILLS:
+    r = _main(wd, f'--config.debug.kill_at={stage}')
+    codes.append(r.returncode)
+    assert r.returncode == -signal.SIGKILL, (
+      f'kill at {stage}: rc {r.returncode}\n{r.stderr[-3000:]}'
+    )
+  return codes, _main(wd)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp('pipeline')
+  full, resumed = base / 'full', base / 'resumed'
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    f_full = pool.submit(_main, full)
+    f_resumed = pool.submit(_killed_then_resumed, resumed)
+    r_full = f_full.result()
+    _, r_resumed = f_resumed.result()
+  assert r_full.returncode == 0, r_full.stderr[-5000:]
+  assert r_resumed.returncode == 0, r_resumed.stderr[-5000:]
+  return dict(full=full, resumed=resumed, stdout=r_full.stdout)
+
+
+def _rows(wd):
+  rows = [json.loads(line) for line in (wd / 'results.jsonl').read_text().splitlines()]
+  for r in rows:
+    r.pop('wall_s', None)
+  return rows
+
+
+def _label_dirs(wd):
+  return sorted(p.parent.relative_to(wd) for p in wd.rglob('labels/dataset_info.json'))
+
+
+def _task(wd):
+  cfg = json.loads((wd / 'config.json').read_text())['task']
+  opts = {k: v for k, v in cfg.items() if k not in ('name', 'train_limit', 'test_limit')}
+  return tasks.get_task('arith', **{k: v for k, v in opts.items() if v is not None})
+
+
+@pytest.mark.slow
+def test_results_and_report(runs):
+  wd = runs['full']
+  rows = _rows(wd)
+  got = {(r['method'], r['round']) for r in rows}
+  for m in ('ilr', 'naive', 'dpo', 'orailr', 'oradpo', 'cororailr', 'cororadpo'):
+    assert {(m, 0), (m, 1)} <= got
+  assert ('sft', 0) in got and ('supervisor', 0) in got
+  for r in rows:
+    assert 0.0 <= r['test_accuracy'] <= 1.0
+  assert '| method | round | test acc |' in runs['stdout']
+  for name in ('report.md', 'accuracy.png', 'config.json'):
+    assert (wd / name).stat().st_size > 0
+  assert list((wd / 'tb').rglob('events.out.tfevents*'))
+
+
+@pytest.mark.slow
+def test_label_sets_follow_the_rules(runs):
+  wd = runs['full']
+  task = _task(wd)
+  d0 = workdir.load_label_set(wd / 'weak_labels' / 'labels')
+  n = len(d0['id'])
+  assert n > 0 and set(d0['source']) == {'weak'}
+  cor = workdir.load_label_set(wd / 'cor' / 'labels' / 'labels')
+  assert all(cor['correct']) and set(cor['id']) <= set(d0['id'])
+  for method, prev in (('ilr', d0), ('naive', d0), ('orailr', d0), ('cororailr', cor)):
+    d1 = workdir.load_label_set(wd / method / 'r1' / 'labels' / 'labels')
+    assert d1['id'] == prev['id'], method  # label count and order preserved
+    rep = np.asarray(d1['replaced'])
+    rec = json.loads((wd / 'stages' / method / 'r1' / 'labels.json').read_text())['metrics']
+    assert rec['num_replaced'] == rep.sum()
+    for j in range(len(rep)):
+      if rep[j]:
+        assert d1['label'][j] == d1['proposal'][j] and d1['source'][j] == 'proposal'
+        assert d1['round'][j] == 1 and not d1['agreed'][j]
+      else:
+        assert d1['label'][j] == prev['label'][j] and d1['source'][j] == prev['source'][j]
+    # Provenance: `correct` is the label's grade against the ground truth.
+    by_id = {e.id: e for e in task.load('train')}
+    graded = task.grade_batch(d1['label'], [by_id[x] for x in d1['id']]).scores
+    assert list(map(bool, graded)) == d1['correct']
+    agree = np.asarray(d1['agreed'])
+    d = int((~agree).sum())
+    if method == 'naive':
+      assert rep.sum() == math.floor(ALPHA * len(rep)) and not agree.any()
+    elif method == 'ilr':
+      assert rep.sum() <= math.ceil(ALPHA * d)  # the alpha cap over the disagreeing items
+      scores = np.asarray(d1['score'])
+      assert np.isnan(scores[agree]).all() and not np.isnan(scores[~agree]).any()
+      assert (scores[rep] > rec['threshold']).all() and rec['threshold'] >= 0.5
+    else:  # oracle feedback: replaced iff the disagreeing proposal is correct
+      assert (rep == (~agree & np.asarray(d1['proposal_correct']))).all()
+    assert not (rep & agree).any()
+
+
+@pytest.mark.slow
+def test_dpo_pairs_come_from_the_current_policy(runs):
+  wd = runs['full']
+  for method, policy in (('dpo', 'sft'), ('oradpo', 'sft'), ('cororadpo', 'cor/sft')):
+    pairs = json.loads((wd / method / 'r1' / 'pairs' / 'pairs.json').read_text())
+    assert pairs['policy_stage'] == policy
+    samples = pairs['samples']
+    assert all(len(s) == 6 for s in samples)
+    flat = [a for s in samples for a in s]
+    n_pairs = len(flat) // 2
+    assert len(pairs['chosen']) <= math.ceil(0.15 * n_pairs)
+    for ci, ri, ch, rj in zip(
+      pairs['chosen_index'], pairs['rejected_index'], pairs['chosen'], pairs['rejected']
+    ):
+      assert flat[ci] == ch and flat[ri] == rj
+      assert ci // 2 == ri // 2 and ci != ri  # the two answers of one pair (1,2), (3,4), (5,6)
+    if method != 'dpo':
+      assert all(pairs['chosen_correct']) and not any(pairs['rejected_correct'])
+  rec = json.loads((wd / 'stages' / 'dpo' / 'r1' / 'pairs.json').read_text())
+  assert rec['config']['dpo.keep_frac'] == 0.15
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_results(runs):
+  full, resumed = runs['full'], runs['resumed']
+  assert _rows(full) == _rows(resumed)
+  dirs = _label_dirs(full)
+  assert len(dirs) >= 6 and dirs == _label_dirs(resumed)
+  for rel in dirs:
+    a, b = workdir.load_label_set(full / rel), workdir.load_label_set(resumed / rel)
+    assert a.keys() == b.keys()
+    for k in a:
+      assert [str(x) for x in a[k]] == [str(x) for x in b[k]], (rel, k)
+  assert not list(resumed.rglob('*.tmp-*'))  # no temporary leftovers trusted or kept
+  assert not list((resumed / 'stages').rglob('*.started.json'))
+
+
+@pytest.mark.slow
+def test_changed_config_is_refused_with_the_key(runs):
+  r = _main(runs['full'], '--config.sft.lr=0.5', timeout=300)
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert 'config key sft.lr changed from 0.005 to 0.5' in last and '--recompute_changed' in last
