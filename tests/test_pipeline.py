@@ -25,6 +25,10 @@ CONFIG = 'configs/arith.py:compare,tiny,all'
 KILLS = ('weak_labels', 'halves/weak_labels/m2:outputs', 'ilr/r1/labels', 'dpo/r1/pairs:outputs')
 ALPHA = 0.15
 
+# Two whole-pipeline runs in subprocesses: far longer than the default suite's budget on 2 cores, so
+# these run only when asked for: python -m pytest -m e2e tests/test_pipeline.py
+pytestmark = pytest.mark.e2e
+
 
 def _main(wd, *extra, timeout=900):
   env = dict(
