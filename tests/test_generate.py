@@ -82,65 +82,75 @@ def test_plan_batches_bounds_shapes_and_covers_every_prompt():
     G.plan_batches([5], 6, (16,), row_multiple=4)
 
 
-def _questions(n, seed=0):
+def _token_prompts(lengths, seed=0):
   rng = np.random.default_rng(seed)
-  return [''.join(chr(97 + c) for c in rng.integers(0, 26, k)) for k in rng.integers(1, 14, n)]
+  return [[1] + [int(t) for t in rng.integers(4, V, n - 1)] for n in lengths]
 
 
-def test_one_compilation_per_bucket_shape_and_input_order(model, tok):
-  rng = np.random.default_rng(3)
-  lengths = [3, 12, 5, 3, 9, 14, 2, 12, 6, 11, 10]  # buckets 8 and 16, full and partial batches
-  prompts = [[1] + [int(t) for t in rng.integers(4, V, n - 1)] for n in lengths]
-  kw = dict(max_new_tokens=5, batch_size=4, buckets=(8, 16), progress=False)
-  plan = G.plan_batches([len(p) for p in prompts], 4, (8, 16))
-  shapes = {(b.batch, b.length) for b in plan}
-  assert shapes == {(4, 8), (1, 8), (4, 16), (2, 16)}
+def test_one_compilation_per_bucket_shape_and_batching_independence(model, tok):
+  # Buckets 8 and 16: a full batch of 4 and a partial one (3 prompts and a dummy row).
+  prompts = _token_prompts([3, 12, 5, 9, 2, 14, 6])
+  extra = _token_prompts([11], seed=1)
+  kw = dict(max_new_tokens=5, num_samples=2, batch_size=4, buckets=(8, 16), progress=False)
+  shapes = {(b.batch, b.length) for b in G.plan_batches([len(p) for p in prompts], 4, (8, 16))}
+  assert shapes == {(4, 8), (4, 16)}
   sampler = S.Sampler(model)
-  before = dict(S.TRACES)
-  res = G.generate(sampler, tok, prompts, S.Greedy(), **kw)
-  new = {k: S.TRACES[k] - before.get(k, 0) for k in ('prefill', 'decode')}
-  assert new == {'prefill': len(shapes), 'decode': len(shapes)}
-  before = dict(S.TRACES)
-  again = G.generate(sampler, tok, prompts, S.Greedy(), **kw)
-  assert dict(S.TRACES) == before  # nothing traced again
-  assert again.ids == res.ids
-  # Input order, and the same answer as decoding each prompt alone (own batch, own padding).
-  for i in (0, 2, 6):  # alone in a (1, 8) batch: a shape the plan compiled already
-    toks, mask = np.zeros((1, 8), np.int32), np.zeros((1, 8), np.int32)
-    toks[0, 8 - len(prompts[i]) :], mask[0, 8 - len(prompts[i]) :] = prompts[i], 1
-    alone = sampler(toks, mask, max_new_tokens=5, stop_ids=(EOS,))
-    n = int(alone.lengths[0, 0]) - int(alone.stopped[0, 0])
-    assert res.ids[i] == [int(t) for t in alone.tokens[0, 0, :n]]
-
-
-def test_samples_do_not_depend_on_batching(model, tok):
-  questions = _questions(6, seed=1)
-  kw = dict(max_new_tokens=4, num_samples=3, seed=5, buckets=(64,), progress=False)
   method = S.Sample(temperature=1.5)
-  a = G.generate_answers(model, tok, questions, method, batch_size=2, **kw)
-  b = G.generate_answers(model, tok, questions, method, batch_size=4, **kw)
-  assert a.ids == b.ids and a.texts == b.texts
-  assert len(a.ids) == 6 and all(len(x) == 3 for x in a.ids)
-  assert any(len({tuple(s) for s in x}) > 1 for x in a.ids)  # samples of a prompt differ
-  c = G.generate_answers(model, tok, questions, method, batch_size=4, **{**kw, 'seed': 6})
-  assert c.ids != a.ids
+  before = dict(S.TRACES)
+  res = G.generate(sampler, tok, prompts, method, seed=5, **kw)
+  new = {k: S.TRACES[k] - before.get(k, 0) for k in ('prefill', 'decode')}
+  assert new == {'prefill': 2, 'decode': 2}  # once per bucket shape
+  before = dict(S.TRACES)
+  again = G.generate(sampler, tok, prompts, method, seed=5, **kw)
+  # One more prompt fills the partial batch and moves rows around: the first 7 answers stay.
+  more = G.generate(sampler, tok, prompts + extra, method, seed=5, **kw)
+  other = G.generate(sampler, tok, prompts, method, seed=6, **kw)
+  assert dict(S.TRACES) == before  # nothing traced again
+  assert again.ids == res.ids and more.ids[:7] == res.ids and other.ids != res.ids
+  assert len(res.ids) == 7 and all(len(x) == 2 for x in res.ids) and len(res.texts[0]) == 2
+  assert any(x[0] != x[1] for x in res.ids)  # a prompt's samples differ
+  # Input order: the bucket-8 prompts decoded directly, with their input indices as row ids.
+  idx = [0, 2, 4, 6]
+  toks, mask = np.zeros((4, 8), np.int32), np.zeros((4, 8), np.int32)
+  for r, i in enumerate(idx):
+    toks[r, 8 - len(prompts[i]) :], mask[r, 8 - len(prompts[i]) :] = prompts[i], 1
+  direct = sampler(
+    toks, mask, method, max_new_tokens=5, num_samples=2, stop_ids=(EOS,), seed=5, row_ids=idx
+  )
+  for r, i in enumerate(idx):
+    for j in range(2):
+      n = int(direct.lengths[r, j]) - int(direct.stopped[r, j])
+      assert res.ids[i][j] == [int(t) for t in direct.tokens[r, j, :n]]
 
 
 def test_answers_are_cut_at_the_first_stop_token(model, tok):
-  questions = _questions(8, seed=2)
-  kw = dict(max_new_tokens=8, buckets=(64,), batch_size=8, progress=False)
-  free = G.generate_answers(model, tok, questions, S.Greedy(), stop_ids=(), **kw)
+  prompts = _token_prompts([9, 16, 12, 10], seed=2)
+  kw = dict(max_new_tokens=8, buckets=(16,), batch_size=4, progress=False)
+  free = G.generate(model, tok, prompts, S.Greedy(), stop_ids=(), **kw)
   assert not any(free.stopped) and all(len(x) == 8 for x in free.ids)
   stop = free.ids[0][3]  # a token that does occur: some answers end there
-  res = G.generate_answers(model, tok, questions, S.Greedy(), stop_ids=(stop,), **kw)
+  res = G.generate(model, tok, prompts, S.Greedy(), stop_ids=(stop,), **kw)
   for full, ids, text, stopped in zip(free.ids, res.ids, res.texts, res.stopped):
     cut = full.index(stop) if stop in full else len(full)
     assert ids == full[:cut] and stopped == (stop in full)
     assert text == tok.decode(ids)
-  beam = G.generate_answers(model, tok, questions, S.BeamSearch(2), **kw)
-  assert all(isinstance(t, str) for t in beam.texts) and all(
-    isinstance(s, float) for s in beam.scores
-  )
+  beam = G.generate(model, tok, prompts, S.BeamSearch(2), **kw)
+  assert all(isinstance(t, str) for t in beam.texts)
+  assert all(isinstance(s, float) for s in beam.scores)
+
+
+def test_generate_answers_applies_the_prompt_template(model, tok, monkeypatch):
+  from ilr_jax import tokens
+
+  seen = {}
+  monkeypatch.setattr(G, 'generate', lambda m, t, prompts, method, **kw: seen.update(p=prompts))
+  G.generate_answers(model, tok, ['hi', 'yo'], S.Greedy(), max_new_tokens=2)
+  template = tokens.PROMPT_TEMPLATE
+  assert seen['p'] == [[1] + tok.encode(template.format(question=q)) for q in ('hi', 'yo')]
+  # Formatted strings get BOS like tokens.prompt_ids; id lists are used as they are.
+  assert G.encode_prompts(tok, ['ab', [7, 8]]) == [[1] + tok.encode('ab'), [7, 8]]
+  with pytest.raises(ValueError, match='no tokenizer'):
+    G.encode_prompts(None, ['text'])
 
 
 @pytest.mark.slow

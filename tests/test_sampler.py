@@ -46,7 +46,8 @@ def _model(seed=0, **overrides) -> Decoder:
 
 @pytest.fixture(scope='module')
 def model():
-  return _model()
+  # Mistral with a sliding window shorter than the sequences, so the window is exercised too.
+  return _model(arch='mistral', sliding_window=4)
 
 
 def _prompts(rng, n, lo=1, hi=12, vocab=V):
@@ -296,28 +297,6 @@ def test_samples_share_prefill_and_follow_the_model(model):
 # -- cache, batch and padding properties -------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-  'window,method',
-  [(None, S.Sample(temperature=1.5)), (3, S.Greedy())],
-  ids=['sample', 'greedy_sliding_window'],
-)
-def test_cached_decoding_equals_recomputation(window, method):
-  model = _model(seed=1, arch='mistral', sliding_window=window)
-  rng = np.random.default_rng(3)
-  seqs = _prompts(rng, 4, 1, 9)
-  toks, mask = _left(seqs)
-  sampler = S.Sampler(model)
-  out = sampler(toks, mask, method, max_new_tokens=8, stop_ids=())
-  for i, prompt in enumerate(seqs):
-    new = [int(t) for t in out.tokens[i, 0]]
-    logits = _recompute_logits(model, prompt + new)
-    steps = logits[len(prompt) - 1 : -1]
-    logp = steps - jax.nn.logsumexp(steps, axis=-1, keepdims=True)
-    if isinstance(method, S.Greedy):
-      assert new == [int(t) for t in np.argmax(steps, axis=-1)]
-    np.testing.assert_allclose(out.scores[i, 0], logp[np.arange(8), new].sum(), atol=1e-4)
-
-
 # The tests below share one model and these calls' shapes, so they share compilations.
 B, P, M = 8, 12, 6
 METHODS = [(S.Sample(temperature=2.0), 2), (S.BeamSearch(3), 1)]
@@ -331,6 +310,21 @@ def batch():
 
 def _run(sampler, toks, mask, method, n, **kw):
   return sampler(toks, mask, method, max_new_tokens=M, num_samples=n, stop_ids=(EOS,), **kw)
+
+
+def test_cached_decoding_equals_recomputation(model, batch):
+  # Every sampled token's log-prob, summed by the sampler from its cached decoding, equals the
+  # full forward pass over the finished sequence (sliding window included).
+  seqs, toks, mask = batch
+  method, n = METHODS[0]
+  out = _run(S.Sampler(model), toks, mask, method, n, seed=3)
+  for i, prompt in enumerate(seqs):
+    for j in range(n):
+      new = [int(t) for t in out.tokens[i, j, : out.lengths[i, j]]]
+      logits = _recompute_logits(model, prompt + new)[len(prompt) - 1 : -1]
+      logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+      np.testing.assert_allclose(out.scores[i, j], logp[np.arange(len(new)), new].sum(), atol=1e-4)
+  assert (out.lengths == M).any()
 
 
 @pytest.mark.parametrize('method,n', METHODS, ids=['sample', 'beam'])
@@ -351,22 +345,27 @@ def test_rows_do_not_depend_on_batch_order_or_padding(model, batch, method, n):
     assert (other.tokens != a.tokens).any()
 
 
-def test_stop_tokens_padding_and_forced_length(model, batch):
+def test_stop_tokens_and_padding(model, batch):
   _, toks, mask = batch
   sampler = S.Sampler(model)
-  method = S.Sample(temperature=3.0)
-  free = sampler(toks, mask, method, max_new_tokens=M, stop_ids=())
-  assert (free.lengths == M).all() and not free.stopped.any()
-  # Stop at whichever of two tokens comes first in the unconstrained run (same seed: same draws).
-  stops = (int(free.tokens[0, 0, 2]), int(free.tokens[1, 0, 4]))
-  out = sampler(toks, mask, method, max_new_tokens=M, stop_ids=stops, pad_id=63)
+  method, n = METHODS[0]
+  base = _run(sampler, toks, mask, method, n, seed=3)
+  # Also stop at whichever of two more tokens comes first (same seed: same draws until then).
+  stops = (EOS, int(base.tokens[0, 0, 2]), int(base.tokens[1, 1, 4]))
+  out = sampler(
+    toks, mask, method, max_new_tokens=M, num_samples=n, stop_ids=stops, pad_id=63, seed=3
+  )
+  cut = 0
   for i in range(B):
-    row = list(free.tokens[i, 0])
-    hit = [t for t, x in enumerate(row) if x in stops]
-    n = hit[0] + 1 if hit else M
-    assert out.lengths[i, 0] == n and out.stopped[i, 0] == bool(hit)
-    assert list(out.tokens[i, 0, :n]) == row[:n]
-    assert (out.tokens[i, 0, n:] == 63).all()
+    for j in range(n):
+      row = list(base.tokens[i, j, : base.lengths[i, j]])
+      hit = [t for t, x in enumerate(row) if x in stops]
+      k = hit[0] + 1 if hit else len(row)
+      cut += k < len(row)
+      assert out.lengths[i, j] == k and out.stopped[i, j] == bool(hit)
+      assert list(out.tokens[i, j, :k]) == row[:k]
+      assert (out.tokens[i, j, k:] == 63).all()
+  assert cut >= 2  # the extra stop tokens did end some sequences early
 
 
 def test_method_validation():
