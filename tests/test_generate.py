@@ -96,6 +96,7 @@ def test_one_compilation_per_bucket_shape_and_batching_independence(model, tok):
   assert shapes == {(4, 8), (4, 16)}
   sampler = S.Sampler(model)
   method = S.Sample(temperature=1.5)
+  S._JITS.clear()  # compiled functions are shared across Samplers: start from none
   before = dict(S.TRACES)
   res = G.generate(sampler, tok, prompts, method, seed=5, **kw)
   new = {k: S.TRACES[k] - before.get(k, 0) for k in ('prefill', 'decode')}
