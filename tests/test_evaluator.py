@@ -137,6 +137,7 @@ def trained(trained_run):
   return trained_run[0]
 
 
+@pytest.mark.slow
 def test_train_evaluator_reports_validation_accuracy(trained_run):
   _, result = trained_run
   m = result.final_metrics
@@ -148,6 +149,7 @@ def test_train_evaluator_reports_validation_accuracy(trained_run):
   assert m['val_pair_accuracy/gt>wrong'] == 1.0
 
 
+@pytest.mark.slow
 def test_early_stopping_restores_the_best_epoch(base, mesh, tmp_path):
   """Validation labels are flipped: its loss rises once training learns, so epoch 1 is best."""
   from ilr_jax import fit
