@@ -266,6 +266,22 @@ def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Arra
   return out.reshape(b, t, n, h)
 
 
+def attend_kv_first(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array) -> Array:
+  """`attend` over a cache laid out [B, K, S, H]: both matmuls then batch over (B, K) with no
+  transpose of the cache (the [B, S, K, H] layout costs one per layer and step when decoding)."""
+  b, t, n, h = q_BTNH.shape
+  k, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  g = n // k
+  q_BKQH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, h)
+  logits = jnp.einsum('BKQH,BKSH->BKQS', q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+  logits = logits * (h**-0.5)
+  mask_BKQS = jnp.broadcast_to(mask_BTS[:, None, :, None, :], (b, k, t, g, s)).reshape(b, k, -1, s)
+  logits = jnp.where(mask_BKQS, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BKSH.dtype)
+  out = jnp.einsum('BKQS,BKSH->BKQH', probs, v_BKSH)
+  return out.reshape(b, k, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+
+
 class Block(nnx.Module):
   """One pre-norm decoder layer; its parameters hold all L layers (leading axis), see Linear."""
 
@@ -296,9 +312,10 @@ class Block(nnx.Module):
     """One layer. With `kv` (this layer's cache slices) the new keys/values are written into it at
     `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
 
-    With `layer` set, `kv` holds every layer's cache [L, B, S, K, H] (a loop carry) and only this
-    layer's new slots are written, before attention reads them back: XLA then updates the carried
-    cache in place instead of copying a layer slice out and back each step (see decode_hidden).
+    With `layer` set, `kv` holds every layer's cache in the kv-first layout [L, B, K, S, H] (a loop
+    carry) and only this layer's new slots are written, before attention reads them back: XLA
+    then updates the carried cache in place instead of copying a layer slice out and back each
+    step, and attention needs no transpose of the cache (see decode_hidden).
     """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
@@ -306,18 +323,24 @@ class Block(nnx.Module):
     v = self.v(y)
     if kv is not None and layer is not None:
       k_all, v_all = kv
-      start = (layer, 0, cache_index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+      start = (layer, 0, 0, cache_index, 0)
+      k_new = k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype)
+      v_new = v.transpose(0, 2, 1, 3)[None].astype(v_all.dtype)
+      k_all = jax.lax.dynamic_update_slice(k_all, k_new, start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v_new, start)
       kv = (k_all, v_all)
-      k, v = k_all[layer], v_all[layer]
-    elif kv is not None:
-      k_cache, v_cache = kv
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-      kv = (k, v)
-    x_BTD = x_BTD + self.o(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS))
+      attn = attend_kv_first(
+        q, k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype), mask_BTS
+      )
+    else:
+      if kv is not None:
+        k_cache, v_cache = kv
+        start = (0, cache_index, 0, 0)
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+        kv = (k, v)
+      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
+    x_BTD = x_BTD + self.o(attn)
     y = self.mlp_norm(x_BTD)
     gate = self.gate(y)
     if self.activation == 'silu':
@@ -328,12 +351,17 @@ class Block(nnx.Module):
     return x_BTD, kv
 
 
-Cache = dict[str, Array]  # {'k': [L, B, S, K, H], 'v': [L, B, S, K, H]}
+Cache = dict[str, Array]  # {'k': [L, B, S, K, H], 'v': [L, B, S, K, H]}; kv-first [L, B, K, S, H]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
-  """An empty KV cache of `max_len` slots for `batch` rows."""
+def init_cache(
+  cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, kv_first: bool = False
+) -> Cache:
+  """An empty KV cache of `max_len` slots for `batch` rows ([L, B, K, S, H] with kv_first, the
+  layout of `decode_hidden`)."""
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  if kv_first:
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   dt = jnp.dtype(dtype or cfg.dtype)
   return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
 
@@ -485,13 +513,14 @@ class Decoder(nnx.Module):
   ) -> tuple[Array, Cache]:
     """`decode` without the LM head: (final-norm hidden states [B, T, D], new cache).
 
-    Same contract as `decode`, but the whole cache is the carry of the layer loop and each layer
-    writes its new slots in place, so a decode loop over donated state never copies the cache (the
-    sampler's path). The caller applies `logits` to the positions it needs (the last, at prefill).
+    Same contract as `decode`, but the cache is in the kv-first layout [L, B, K, S, H]
+    (`init_cache(..., kv_first=True)`), it is the carry of the layer loop and each layer writes its
+    new slots in place, so a decode loop over donated state never copies or transposes the cache
+    (the sampler's path). The caller applies `logits` to the positions it needs.
     """
     cfg = self.cfg
     t = tokens_BT.shape[1]
-    s = cache['k'].shape[2]
+    s = cache['k'].shape[3]
     q_slot = cache_index + jnp.arange(t)
     k_pos = positions_from_mask(kv_mask_BS)
     mask_BTS = attention_mask(

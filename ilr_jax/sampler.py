@@ -253,7 +253,7 @@ def _is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
 def _prefill_logits(model: Decoder, tokens_BP: Array, mask_BP: Array, cache_len: int):
   """Run the prompts into a fresh cache; returns (last-position logits [B, V], cache, kv_mask)."""
   b, p = tokens_BP.shape
-  cache = init_cache(model.cfg, b, cache_len)
+  cache = init_cache(model.cfg, b, cache_len, kv_first=True)
   kv_mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(mask_BP)
   positions = positions_from_mask(mask_BP)
   h, cache = model.decode_hidden(tokens_BP, positions, cache, 0, kv_mask)
@@ -491,7 +491,7 @@ def _state_shardings(mesh, abstract_state, num_kv_heads: int):
 
   out = jax.tree.map(leaf, abstract_state)
   kv_axis = 'tensor' if num_kv_heads % mesh.shape['tensor'] == 0 else None
-  cache = NamedSharding(mesh, P(None, shd.BATCH, None, kv_axis, None))
+  cache = NamedSharding(mesh, P(None, shd.BATCH, kv_axis, None, None))  # [L, R, K, S, H]
   return dataclasses.replace(out, cache={'k': cache, 'v': cache})
 
 

@@ -409,7 +409,7 @@ def test_decode_loop_updates_the_cache_in_place(model, batch, method, n):
   state = prefill(sampler.params, toks, mask, np.arange(B, dtype=np.int32), np.uint32(0))
   hlo = decode.lower(sampler.params, state).compile().as_text()
   rows = B * (method.num_beams if isinstance(method, S.BeamSearch) else n)
-  cache = f'f32[2,{rows},{P + M - 1},2,8]'
+  cache = f'f32[2,{rows},2,{P + M - 1},8]'  # [L, R, K, S, H]
   lines = hlo.splitlines()
   assert any(cache in x and 'dynamic-update-slice' in x for x in lines)
   copies = [x for x in lines if f'{cache}{{' in x and ' copy(' in x]
