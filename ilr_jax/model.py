@@ -508,15 +508,35 @@ class Decoder(nnx.Module):
     h, cache = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS, cache, cache_index)
     return self.logits(h), cache
 
+  def layer_states(self) -> list[Any]:
+    """Each layer's parameters sliced out of the stack ([L, ...] -> L states of [...]).
+
+    A decode loop slices them once, before the loop, and passes them to every `decode_hidden`
+    call: slicing the stack inside the loop copies every weight on every step (XLA keeps a
+    dynamic slice of a loop invariant inside the loop), about as costly on CPU as the layers'
+    matmuls themselves.
+    """
+    _, stacked = nnx.split(self.layers)
+    layers = [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(self.cfg.num_layers)]
+    # The barrier keeps XLA from sinking the slices back into a loop that uses them.
+    return jax.lax.optimization_barrier(layers)
+
   def decode_hidden(
-    self, tokens_BT: Array, positions_BT: Array, cache: Cache, cache_index: Array, kv_mask_BS: Array
+    self,
+    tokens_BT: Array,
+    positions_BT: Array,
+    cache: Cache,
+    cache_index: Array,
+    kv_mask_BS: Array,
+    layer_states: list[Any] | None = None,
   ) -> tuple[Array, Cache]:
     """`decode` without the LM head: (final-norm hidden states [B, T, D], new cache).
 
     Same contract as `decode`, but the cache is in the kv-first layout [L, B, K, S, H]
     (`init_cache(..., kv_first=True)`), it is the carry of the layer loop and each layer writes its
     new slots in place, so a decode loop over donated state never copies or transposes the cache
-    (the sampler's path). The caller applies `logits` to the positions it needs.
+    (the sampler's path). The caller applies `logits` to the positions it needs. With
+    `layer_states` (from `layer_states()`) the layers run unrolled on those pre-sliced weights.
     """
     cfg = self.cfg
     t = tokens_BT.shape[1]
@@ -535,7 +555,10 @@ class Decoder(nnx.Module):
       return block(x, positions_BT, mask_BTS, inv_freq, kv, cache_index, layer=i)
 
     carry = (self._embed(tokens_BT), (cache['k'], cache['v']))
-    if cfg.scan_layers:
+    if layer_states is not None:
+      for i, layer_state in enumerate(layer_states):
+        carry = layer(carry, layer_state, i)
+    elif cfg.scan_layers:
       layer_ids = jnp.arange(cfg.num_layers)
       carry, _ = jax.lax.scan(lambda c, xs: (layer(c, *xs), None), carry, (stacked, layer_ids))
     else:

@@ -307,6 +307,7 @@ def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, sp
 
 def _sample_decode(graphdef, params, state: SamplingState, *, spec: _Spec) -> SamplingState:
   model = nnx.merge(graphdef, params)
+  layers = model.layer_states()  # sliced once, not on every step
   m = spec.max_new_tokens
   prompt_len = state.kv_mask_RS.shape[1] - (m - 1)
 
@@ -319,7 +320,9 @@ def _sample_decode(graphdef, params, state: SamplingState, *, spec: _Spec) -> Sa
     kv_mask = jax.lax.dynamic_update_slice(
       s.kv_mask_RS, jnp.ones((s.kv_mask_RS.shape[0], 1), jnp.int32), (0, slot)
     )
-    h, cache = model.decode_hidden(last[:, None], s.positions_R[:, None], s.cache, slot, kv_mask)
+    h, cache = model.decode_hidden(
+      last[:, None], s.positions_R[:, None], s.cache, slot, kv_mask, layers
+    )
     logits = model.logits(h[:, 0])
     tok = choose(logits, jax.random.wrap_key_data(s.keys_R), s.step, spec.method)
     tok = jnp.where(s.done_R, spec.pad_id, tok)
@@ -460,6 +463,7 @@ def _beam_running(s: BeamState, method: BeamSearch, m: int) -> Array:
 def _beam_decode(graphdef, params, state: BeamState, *, spec: _Spec) -> BeamState:
   method = spec.method
   model = nnx.merge(graphdef, params)
+  layers = model.layer_states()  # sliced once, not on every step
   m = spec.max_new_tokens
   prompt_len = state.kv_mask_RS.shape[1] - (m - 1)
 
@@ -470,7 +474,7 @@ def _beam_decode(graphdef, params, state: BeamState, *, spec: _Spec) -> BeamStat
       s.kv_mask_RS, jnp.ones((s.kv_mask_RS.shape[0], 1), jnp.int32), (0, slot)
     )
     h, cache = model.decode_hidden(
-      last.reshape(-1, 1), s.positions_R[:, None], s.cache, slot, kv_mask
+      last.reshape(-1, 1), s.positions_R[:, None], s.cache, slot, kv_mask, layers
     )
     logprobs = jax.nn.log_softmax(model.logits(h[:, 0]), axis=-1)
     s = dataclasses.replace(s, positions_R=s.positions_R + 1, kv_mask_RS=kv_mask)
