@@ -245,3 +245,26 @@ def test_bad_config_is_a_clear_error():
     train.TrainConfig(lora_dropout=0.1)
   with pytest.raises(ValueError, match='optimizer'):
     train.TrainConfig(optimizer='sgd')
+
+
+def test_run_length_does_not_change_the_compiled_step():
+  # The schedule's lengths live in the optimizer state: fits of different lengths (the pipeline
+  # trains on label sets of changing size) share one compiled step. Its lr still follows each
+  # run's own schedule.
+  mesh = _mesh(1, 1, 1)
+  batch = _sft_batch(np.random.default_rng(0), 4, 16)
+  texts, lrs = [], []
+  for total in (10, 37):
+    model = _model(CFG, mesh)
+    cfg = train.TrainConfig(**{**STEP_CFG, 'warmup_ratio': 0.2, 'schedule': 'cosine'})
+    trainer, state = train.make_trainer(model, 'sft', cfg, total, mesh=mesh)
+    b = trainer.shard_batch(batch)
+    dynamic = (state.step, state.params, state.opt_state)
+    texts.append(trainer.train_step.jitted.lower(dynamic, state.frozen, b, None).as_text())
+    for _ in range(3):
+      state, metrics = trainer.train_step(state, b)
+    lrs.append(float(metrics['lr']))
+    want = float(train.make_schedule(cfg, total)(2))
+    assert lrs[-1] == pytest.approx(want, rel=1e-6)
+  assert texts[0] == texts[1]
+  assert lrs[0] != pytest.approx(lrs[1])
