@@ -256,7 +256,24 @@ def _facts_doc(draw: _Draw, cfg: ArithConfig) -> str:
   return ', '.join(facts) + '.'
 
 
-def make_corpus(seed: int | str, size: int, cfg: ArithConfig = ArithConfig()) -> list[str]:
+def _solved_doc(draw: _Draw, cfg: ArithConfig) -> str:
+  """A solved word problem as plain text, the question then its worked solution on new lines:
+
+  'Mia has 12 apples. She buys 7 more. How many apples does Mia have now?
+  12+7=19 apples.
+  #### 19'
+
+  Like the worked math of a real pretraining corpus: a base model that reads these learns to read
+  and solve the problems, and supervised fine-tuning then teaches the prompt format and when to
+  stop. How often a model gets them right depends on how long it pretrained and on its size.
+  """
+  p = make_problem(draw, cfg)
+  return f'{p.question}\n{p.answer}'
+
+
+def make_corpus(
+  seed: int | str, size: int, cfg: ArithConfig = ArithConfig(), solved_frac: float = 0.0
+) -> list[str]:
   """Pretraining documents: equation chains, worked steps and one-step facts, deterministic.
 
   Args:
@@ -264,9 +281,17 @@ def make_corpus(seed: int | str, size: int, cfg: ArithConfig = ArithConfig()) ->
     size: number of documents.
     cfg: operand and step knobs; chains run up to cfg.max_steps + 2 steps so a model sees longer
       computations in pretraining than any problem asks for.
+    solved_frac: the expected fraction of solved word problems (`_solved_doc`); 0 (the default)
+      draws exactly the corpus of earlier versions, which has no word-problem format at all.
   Returns:
-    `size` strings, several lines each, no word-problem format.
+    `size` strings, several lines each.
   """
+  if not 0.0 <= solved_frac <= 1.0:
+    raise ValueError(f'solved_frac must lie in [0, 1], got {solved_frac}')
   draw = _Draw(f'arith/corpus/{seed}')
   makers = (_equation_doc, _worked_doc, _facts_doc)
-  return [draw.pick(makers)(draw, cfg) for _ in range(size)]
+  docs = []
+  for _ in range(size):
+    maker = _solved_doc if solved_frac and draw.chance(solved_frac) else draw.pick(makers)
+    docs.append(maker(draw, cfg))
+  return docs

@@ -107,6 +107,7 @@ def _train(lr: float, epochs: float, batch_size: int, optimizer: str = 'adamw'):
   t.lora_rank = 64  # 0: full fine-tune
   t.lora_alpha = 128.0
   t.max_len = 1024  # longest training sequence in tokens (longer examples are an error)
+  t.pad_multiple = 64  # batches are padded to a multiple of this (length buckets)
   return t
 
 
@@ -182,6 +183,7 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.pretrain.lr = 3e-3
   c.pretrain.batch_size = 32
   c.pretrain.max_len = 128
+  c.pretrain.solved_frac = 0.0  # arith.make_corpus: fraction of solved problems
 
   c.debug = ml_collections.ConfigDict()
   c.debug.kill_at = ''  # test hook: SIGKILL after stage 'NAME' (or 'NAME:outputs'), see workdir
@@ -257,6 +259,9 @@ def validate(config, num_devices: int | None = None) -> None:
         f'{flag}.pretrain_steps must be > 0 with init=pretrain',
       )
       _need(config.pretrain.corpus_size > 0, '--config.pretrain.corpus_size must be > 0')
+      _need(
+        0.0 <= config.pretrain.solved_frac <= 1.0, '--config.pretrain.solved_frac must be in [0, 1]'
+      )
       if role == 'evaluator':
         _need(
           m.preset == config.supervisor.preset and config.supervisor.init == 'pretrain',
@@ -502,8 +507,9 @@ def _train_config(tcfg, seed: int, **extra):
     lora_rank=tcfg.get('lora_rank', 0),
     lora_alpha=tcfg.get('lora_alpha', 0.0),
   )
-  if tcfg.get('max_len') is not None:
-    fields['max_len'] = tcfg.max_len
+  for key in ('max_len', 'pad_multiple'):
+    if tcfg.get(key) is not None:
+      fields[key] = tcfg[key]
   fields.update(extra)
   return train.TrainConfig(**fields)
 
@@ -593,7 +599,9 @@ def stage_pretrain(run: Run, role: str) -> dict:
   cfg = presets.get_preset(m.preset, vocab_size=tok.vocab_size, dtype=m.dtype, remat=m.remat)
   seed = _stage_seed(c.seed, stage)
   model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)), run.mesh)
-  corpus = arith.make_corpus(f'{c.seed}', c.pretrain.corpus_size, run.task.config)
+  corpus = arith.make_corpus(
+    f'{c.seed}', c.pretrain.corpus_size, run.task.config, c.pretrain.solved_frac
+  )
   bos = [tok.bos_id] if tok.bos_id is not None else []
   examples = []
   for doc in corpus:
@@ -658,7 +666,12 @@ def _label_rows(ids, questions, labels, source, round_, score, replaced, agreed,
 
 
 def _correct(run: Run, answers, examples) -> list[bool]:
-  return [bool(s) for s in run.task.grade_batch(list(answers), list(examples)).scores]
+  """Per answer, whether it is right: a score above 0.5. Exact-answer tasks (GSM8K, BIRD, arith)
+  score 0 or 1; SaferPaca scores the judge's probability that the answer beats the reference
+  response, so there 'correct' means judged better than the reference (not bool() of a
+  probability, which would call almost every answer correct)."""
+  scores = np.asarray(run.task.grade_batch(list(answers), list(examples)).scores, float)
+  return [bool(s > 0.5) for s in scores]
 
 
 def stage_weak_labels(run: Run) -> dict:

@@ -130,3 +130,17 @@ def test_committed_tokenizer_is_what_the_script_makes():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   assert module.train() == SPM_MODEL.read_bytes()
+
+
+def test_corpus_with_solved_problems():
+  docs = arith.make_corpus(3, 400, solved_frac=0.5)
+  solved = [d for d in docs if '####' in d]
+  assert 150 < len(solved) < 250  # about half
+  for d in solved:
+    question, *steps, final = d.split('\n')
+    assert question.endswith('?')
+    assert final == f'#### {steps[-1].split("=")[1].split()[0]}'
+  # The other documents are the corpus without solved problems: no question, no final answer.
+  assert not any('?' in d for d in docs if '####' not in d)
+  with pytest.raises(ValueError, match='solved_frac'):
+    arith.make_corpus(3, 10, solved_frac=1.5)

@@ -119,3 +119,22 @@ def test_main_rejects_bad_key_in_one_line(tmp_path):
     assert r.returncode != 0
     assert 'Traceback' not in r.stderr and msg in r.stderr.strip().splitlines()[-1], r.stderr
   assert not (tmp_path / 'w').exists()  # nothing was written before the error
+
+
+def test_correctness_of_graded_scores_is_a_threshold_not_bool():
+  # SaferPaca grades with win probabilities; bool(0.3) would call a losing answer correct.
+  import types
+
+  import numpy as np
+
+  scores = np.array([0.3, 0.7, 1.0, 0.0, 0.5])
+  task = types.SimpleNamespace(grade_batch=lambda preds, refs: types.SimpleNamespace(scores=scores))
+  run = types.SimpleNamespace(task=task)
+  assert pipeline._correct(run, ['a'] * 5, [None] * 5) == [False, True, True, False, False]
+
+
+def test_solved_frac_is_validated():
+  c = _get_config('arith', 'sft')
+  c.pretrain.solved_frac = 1.5
+  with pytest.raises(pipeline.ConfigError, match='solved_frac'):
+    pipeline.validate(c, num_devices=1)
