@@ -20,14 +20,14 @@ that the small supervisor's labels are often wrong and the bigger student has ro
 see docs/RESULTS.md.
 """
 
-from ilr_jax import pipeline
+from ilr_jax import schema
 
 
 def get_config(arg: str = 'compare'):
-  method, switches = pipeline.parse_arg(arg, known_switches=('tiny', 'all'))
-  config = pipeline.base_config(method, task='arith')
+  method, switches = schema.parse_arg(arg, known_switches=('tiny', 'all'))
+  config = schema.base_config(method, task='arith')
   if 'all' in switches:
-    config.methods = pipeline.METHODS
+    config.methods = schema.METHODS
   config.num_rounds = 4
 
   # The task (tuned, not the methods; docs/RESULTS.md says how): one or two additions and

@@ -18,12 +18,12 @@ devices). It prints the results table and writes results.jsonl, report.md and ac
 
 from ml_collections import config_dict
 
-from ilr_jax import pipeline
+from ilr_jax import schema
 
 
 def get_config(arg: str = 'ilr'):
-  method, _ = pipeline.parse_arg(arg)
-  config = pipeline.base_config(method, task='bird')
+  method, _ = schema.parse_arg(arg)
+  config = schema.base_config(method, task='bird')
   config.task.data_dir = config_dict.placeholder(str)
   config.task.db_root = config_dict.placeholder(str)
   config.task.timeout_s = 30.0

@@ -20,12 +20,12 @@ writes results.jsonl, report.md and accuracy.png into the workdir.
 
 from ml_collections import config_dict
 
-from ilr_jax import pipeline
+from ilr_jax import schema
 
 
 def get_config(arg: str = 'ilr'):
-  method, switches = pipeline.parse_arg(arg, known_switches=('mistral7b-llama70b',))
-  config = pipeline.base_config(method, task='gsm8k')
+  method, switches = schema.parse_arg(arg, known_switches=('mistral7b-llama70b',))
+  config = schema.base_config(method, task='gsm8k')
   config.task.data_dir = config_dict.placeholder(str)  # set: used instead of the hub
   config.task.hub_id = 'openai/gsm8k'
   config.task.hub_config = 'main'

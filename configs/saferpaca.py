@@ -23,12 +23,12 @@ It prints the results table and writes results.jsonl, report.md and accuracy.png
 import ml_collections
 from ml_collections import config_dict
 
-from ilr_jax import pipeline
+from ilr_jax import schema
 
 
 def get_config(arg: str = 'ilr'):
-  method, _ = pipeline.parse_arg(arg)
-  config = pipeline.base_config(method, task='saferpaca')
+  method, _ = schema.parse_arg(arg)
+  config = schema.base_config(method, task='saferpaca')
   config.task.data_dir = config_dict.placeholder(str)
   config.task.max_new_tokens = 512
   # Judge and embedder backends (ilr_jax/judge.py): 'http' (an OpenAI-compatible endpoint:

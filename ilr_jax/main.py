@@ -50,7 +50,7 @@ def _innermost(err: BaseException) -> BaseException:
 
 
 def _parse(argv):
-  from ilr_jax import pipeline
+  from ilr_jax import schema
 
   try:
     return flags.FLAGS(argv)
@@ -61,7 +61,7 @@ def _parse(argv):
     ]
     what = named[0] if named else repr(missing)
     sys.exit(f'ilr_jax.main: unknown config key {what} (the config is locked; see the config file)')
-  except (flags.Error, pipeline.ConfigError, TypeError, ValueError) as e:
+  except (flags.Error, schema.ConfigError, TypeError, ValueError) as e:
     sys.exit(f'ilr_jax.main: bad flags or config: {_one_line(e)}')
 
 
@@ -75,12 +75,12 @@ def main(argv):
     import jax
 
     jax.distributed.initialize()
-  from ilr_jax import pipeline, workdir
+  from ilr_jax import pipeline, schema, workdir
 
   try:
-    pipeline.validate(_CONFIG.value)
+    schema.validate(_CONFIG.value)
     pipeline.check_workdir(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
-  except (pipeline.ConfigError, workdir.ConfigChangedError) as e:
+  except (schema.ConfigError, workdir.ConfigChangedError) as e:
     sys.exit(f'ilr_jax.main: {e}')
   table = pipeline.run(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
   print(table, flush=True)

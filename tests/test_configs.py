@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ilr_jax import pipeline
+from ilr_jax import pipeline, schema
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ('arith', 'gsm8k', 'bird', 'saferpaca')
@@ -21,11 +21,11 @@ def _get_config(task, arg):
 
 
 @pytest.mark.parametrize('task', TASKS)
-@pytest.mark.parametrize('method', pipeline.METHODS + ('compare',))
+@pytest.mark.parametrize('method', schema.METHODS + ('compare',))
 def test_every_method_arg_loads(task, method):
   c = _get_config(task, method)
   assert c.task.name == task
-  expected = pipeline.COMPARE_METHODS if method == 'compare' else (method,)
+  expected = schema.COMPARE_METHODS if method == 'compare' else (method,)
   assert tuple(c.methods) == expected
   assert c.ilr.alpha == 0.15 and c.dpo.beta == 0.1 and c.dpo.num_samples == 6
 
@@ -52,16 +52,16 @@ def test_paper_model_pairs():
 def test_arith_tiny_switch_and_all():
   full, tiny = _get_config('arith', 'compare'), _get_config('arith', 'compare,tiny')
   assert tiny.task.num_train < full.task.num_train and tiny.num_rounds < full.num_rounds
-  assert tuple(_get_config('arith', 'compare,all').methods) == pipeline.METHODS
-  with pytest.raises(pipeline.ConfigError, match='unknown config switches'):
+  assert tuple(_get_config('arith', 'compare,all').methods) == schema.METHODS
+  with pytest.raises(schema.ConfigError, match='unknown config switches'):
     _get_config('arith', 'compare,huge')
-  with pytest.raises(pipeline.ConfigError, match='unknown method'):
+  with pytest.raises(schema.ConfigError, match='unknown method'):
     _get_config('gsm8k', 'rlhf')
 
 
 def test_validate_one_line_errors(tmp_path):
   c = _get_config('arith', 'compare,tiny')
-  pipeline.validate(c, num_devices=8)  # the shipped tiny config is valid on the test mesh
+  schema.validate(c, num_devices=8)  # the shipped tiny config is valid on the test mesh
   cases = [
     ('sft.batch_size', 12, 'sft.batch_size=12 is not divisible'),
     ('methods', ('ilr', 'rlhf'), 'unknown methods'),
@@ -72,24 +72,24 @@ def test_validate_one_line_errors(tmp_path):
     bad = _get_config('arith', 'compare,tiny')
     section, _, field = key.rpartition('.')
     (bad[section] if section else bad)[field] = value
-    with pytest.raises(pipeline.ConfigError, match=msg) as e:
-      pipeline.validate(bad, num_devices=8)
+    with pytest.raises(schema.ConfigError, match=msg) as e:
+      schema.validate(bad, num_devices=8)
     assert '\n' not in str(e.value)
   g = _get_config('gsm8k', 'dpo')
-  with pytest.raises(pipeline.ConfigError, match='supervisor.model_dir is required'):
-    pipeline.validate(g, num_devices=8)
+  with pytest.raises(schema.ConfigError, match='supervisor.model_dir is required'):
+    schema.validate(g, num_devices=8)
   g.supervisor.model_dir = str(tmp_path / 'missing')
-  with pytest.raises(pipeline.ConfigError, match='does not exist'):
-    pipeline.validate(g, num_devices=8)
+  with pytest.raises(schema.ConfigError, match='does not exist'):
+    schema.validate(g, num_devices=8)
   # sft needs no evaluator; dpo does (it is the evaluator's model that is missing here).
   s = _get_config('gsm8k', 'sft')
   s.supervisor.model_dir = s.student.model_dir = str(tmp_path)
-  pipeline.validate(s, num_devices=8)
+  schema.validate(s, num_devices=8)
   d = _get_config('gsm8k', 'dpo')
   d.supervisor.model_dir = d.student.model_dir = str(tmp_path)
   d.evaluator.model_dir = str(tmp_path / 'nope')
-  with pytest.raises(pipeline.ConfigError, match='evaluator.model_dir'):
-    pipeline.validate(d, num_devices=8)
+  with pytest.raises(schema.ConfigError, match='evaluator.model_dir'):
+    schema.validate(d, num_devices=8)
 
 
 def test_main_rejects_bad_key_in_one_line(tmp_path):
@@ -136,5 +136,5 @@ def test_correctness_of_graded_scores_is_a_threshold_not_bool():
 def test_solved_frac_is_validated():
   c = _get_config('arith', 'sft')
   c.pretrain.solved_frac = 1.5
-  with pytest.raises(pipeline.ConfigError, match='solved_frac'):
-    pipeline.validate(c, num_devices=1)
+  with pytest.raises(schema.ConfigError, match='solved_frac'):
+    schema.validate(c, num_devices=1)
