@@ -221,3 +221,31 @@ def test_bad_examples_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match='no reference log-probs'):
     ex = gsm8k_examples(2)
     fit.fit(model, [fit.Pair.from_examples(*ex)], loss='dpo', config=cfg, workdir=tmp_path)
+
+
+@pytest.mark.parametrize('lora_rank', [0, 4])
+def test_dpo_resumes_from_its_final_checkpoint(tmp_path, lora_rank):
+  # Killed after the last checkpoint but before DONE.json: the rerun restores the final state
+  # (RMSprop, the DPO optimizer; full fine-tune as in arith, or an adapter) and finishes.
+  sft = gsm8k_examples(8, seed=2)
+  pairs = [fit.Pair.from_examples(sft[i], sft[i + 1]) for i in range(0, 8, 2)]
+  base = fast_model(_cfg(), _mesh(1, 1, 1))
+  pairs = fit.with_reference_logps(base, pairs, batch_size=4)
+  cfg = TrainConfig(
+    optimizer='rmsprop',
+    lr=1e-5,
+    epochs=2,
+    global_batch=2,
+    max_len=160,
+    dpo_beta=0.1,
+    lora_rank=lora_rank,
+    lora_alpha=2.0 * lora_rank,
+    clip_norm=1.0,
+  )
+  run = lambda: fit.fit(base, pairs, loss='dpo', config=cfg, workdir=tmp_path, progress=False)
+  first, result = run()
+  (tmp_path / 'DONE.json').unlink()
+  again, result2 = run()
+  assert result2.steps == result.steps == 4
+  for a, b in zip(_params(first), _params(again)):
+    np.testing.assert_array_equal(a, b)
