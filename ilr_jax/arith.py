@@ -54,6 +54,7 @@ ITEMS = (
   'pens',
 )
 OPS = '+-*/'
+STYLES = ('story', 'expression')
 
 # Question sentences per operation; {p} is the pronoun, {f} a friend, {o} the object pronoun and
 # {k} the operand. Short on purpose: a whole problem with its solution fits in about 100 tokens.
@@ -80,6 +81,10 @@ class ArithConfig:
     max_value: no intermediate value exceeds it (keeps answers a few digits long).
     ops: which operations may appear; must hold '+' and '-' so every state has a legal step.
     distractor_prob: chance of one irrelevant sentence about a friend's items.
+    style: 'story' (the word problems above) or 'expression' (the bare computation, 'What is
+      4+3-5?', answered by the same worked lines without the item: '4+3=7', '7-5=2', '#### 2').
+      Expressions leave out the reading: a tiny model that cannot yet pick the numbers out of a
+      story still learns to copy them from an expression in a few hundred CPU steps.
   """
 
   min_steps: int = 2
@@ -89,8 +94,11 @@ class ArithConfig:
   max_value: int = 999
   ops: str = OPS
   distractor_prob: float = 0.25
+  style: str = 'story'
 
   def __post_init__(self):
+    if self.style not in STYLES:
+      raise ValueError(f'style must be one of {STYLES}, got {self.style!r}')
     if not 1 <= self.min_steps <= self.max_steps:
       raise ValueError(f'need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}')
     if self.max_operand < 2 or self.max_factor < 2:
@@ -166,7 +174,16 @@ def _chain(draw: _Draw, cfg: ArithConfig, num_steps: int) -> tuple[int, list[tup
 
 
 def make_problem(draw: _Draw, cfg: ArithConfig) -> Problem:
-  """One word problem with its worked solution."""
+  """One word problem (or bare expression, see ArithConfig.style) with its worked solution."""
+  if cfg.style == 'expression':
+    start, steps = _chain(draw, cfg, draw.integer(cfg.min_steps, cfg.max_steps))
+    expr, lines, x = str(start), [], start
+    for op, k, y in steps:
+      expr += f'{op}{k}'
+      lines.append(f'{x}{op}{k}={y}')
+      x = y
+    lines.append(f'#### {x}')
+    return Problem(question=f'What is {expr}?', answer='\n'.join(lines), value=x)
   name, pronoun, obj = draw.pick(NAMES)
   # Friends are of the other gender so every 'she'/'he' can only mean the problem's person.
   friends = [n for n, p, _ in NAMES if p != pronoun]

@@ -144,3 +144,26 @@ def test_corpus_with_solved_problems():
   assert not any('?' in d for d in docs if '####' not in d)
   with pytest.raises(ValueError, match='solved_frac'):
     arith.make_corpus(3, 10, solved_frac=1.5)
+
+
+def test_expression_style():
+  cfg = arith.ArithConfig(min_steps=1, max_steps=3, max_operand=9, max_value=30, style='expression')
+  for p in arith.generate('e', 200, cfg):
+    assert p.question.startswith('What is ') and p.question.endswith('?')
+    expr = p.question[len('What is ') : -1]
+    *steps, final = p.answer.split('\n')
+    assert final == f'#### {p.value}'
+    # The worked lines compute the expression left to right and end at its value.
+    x = int(steps[0].split('=')[0].split(next(c for c in steps[0][1:] if c in '+-*/'))[0])
+    assert expr.startswith(str(x))
+    for line in steps:
+      lhs, rhs = line.split('=')
+      assert int(rhs) == arith._apply(*_op_of(lhs))
+    assert int(steps[-1].split('=')[1]) == p.value
+  with pytest.raises(ValueError, match='style'):
+    arith.ArithConfig(style='poem')
+
+
+def _op_of(lhs):
+  i = next(i for i, c in enumerate(lhs) if i and c in '+-*/')
+  return lhs[i], int(lhs[:i]), int(lhs[i + 1 :])
