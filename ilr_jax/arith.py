@@ -273,7 +273,9 @@ def _facts_doc(draw: _Draw, cfg: ArithConfig) -> str:
   return ', '.join(facts) + '.'
 
 
-def _solved_doc(draw: _Draw, cfg: ArithConfig) -> str:
+def _solved_doc(
+  draw: _Draw, cfg: ArithConfig, chat_frac: float = 0.0, exclude: frozenset[str] = frozenset()
+) -> str:
   """A solved word problem as plain text, the question then its worked solution on new lines:
 
   'Mia has 12 apples. She buys 7 more. How many apples does Mia have now?
@@ -283,13 +285,29 @@ def _solved_doc(draw: _Draw, cfg: ArithConfig) -> str:
   Like the worked math of a real pretraining corpus: a base model that reads these learns to read
   and solve the problems, and supervised fine-tuning then teaches the prompt format and when to
   stop. How often a model gets them right depends on how long it pretrained and on its size.
+  With probability `chat_frac` the problem is written in the pipeline's prompt format instead
+  (tokens.PROMPT_TEMPLATE, then the solution), like the instruction data of a real pretraining
+  mix: a tiny base that never saw the template loses its computation when SFT moves it into the
+  template, since 200 examples cannot re-teach it to copy the numbers in a new context.
   """
   p = make_problem(draw, cfg)
+  while p.question in exclude:  # the knobs allow more problems than any exclusion holds
+    p = make_problem(draw, cfg)
+  if chat_frac and draw.chance(chat_frac):
+    from ilr_jax.tokens import prompt_text
+
+    return prompt_text(p.question) + p.answer
   return f'{p.question}\n{p.answer}'
 
 
 def make_corpus(
-  seed: int | str, size: int, cfg: ArithConfig = ArithConfig(), solved_frac: float = 0.0
+  seed: int | str,
+  size: int,
+  cfg: ArithConfig = ArithConfig(),
+  solved_frac: float = 0.0,
+  chat_frac: float = 0.0,
+  *,
+  exclude: frozenset[str] = frozenset(),
 ) -> list[str]:
   """Pretraining documents: equation chains, worked steps and one-step facts, deterministic.
 
@@ -300,15 +318,22 @@ def make_corpus(
       computations in pretraining than any problem asks for.
     solved_frac: the expected fraction of solved word problems (`_solved_doc`); 0 (the default)
       draws exactly the corpus of earlier versions, which has no word-problem format at all.
+    chat_frac: the fraction of those solved problems written in the prompt format (see
+      `_solved_doc`); 0 (the default) draws exactly the corpus of earlier versions.
+    exclude: questions no solved problem may ask (the pipeline passes the test split's).
   Returns:
     `size` strings, several lines each.
   """
   if not 0.0 <= solved_frac <= 1.0:
     raise ValueError(f'solved_frac must lie in [0, 1], got {solved_frac}')
+  if not 0.0 <= chat_frac <= 1.0:
+    raise ValueError(f'chat_frac must lie in [0, 1], got {chat_frac}')
   draw = _Draw(f'arith/corpus/{seed}')
   makers = (_equation_doc, _worked_doc, _facts_doc)
   docs = []
   for _ in range(size):
-    maker = _solved_doc if solved_frac and draw.chance(solved_frac) else draw.pick(makers)
-    docs.append(maker(draw, cfg))
+    if solved_frac and draw.chance(solved_frac):
+      docs.append(_solved_doc(draw, cfg, chat_frac, exclude))
+    else:
+      docs.append(draw.pick(makers)(draw, cfg))
   return docs

@@ -415,12 +415,23 @@ def _run_record(loss: str, cfg: TrainConfig, model: Decoder, n: int, n_val: int,
   }
 
 
+# TrainConfig fields that decide when to log and save, never what is computed: a fit may resume
+# with other values of these (a resumed fit ends bitwise equal to an uninterrupted one).
+BOOKKEEPING = ('log_every', 'checkpoint_every', 'keep_checkpoints')
+
+
+def _comparable(record: dict) -> dict:
+  tc = {k: v for k, v in record.get('train_config', {}).items() if k not in BOOKKEEPING}
+  return {**record, 'train_config': tc}
+
+
 def _check_run(workdir: pathlib.Path, record: dict) -> None:
   f = workdir / 'train_config.json'
   record = json.loads(json.dumps(record))  # tuples -> lists, as stored
   if f.exists():
-    old = json.loads(f.read_text())
-    if old != record:
+    old = _comparable(json.loads(f.read_text()))
+    if old != _comparable(record):
+      record = _comparable(record)
       keys = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
       raise ValueError(
         f'{workdir} holds a fit with a different setup ({keys} differ); use a new workdir'

@@ -258,12 +258,17 @@ def _train_config(tcfg, seed: int, **extra):
   return train.TrainConfig(**fields)
 
 
+def _bookkeeping(run: Run) -> dict:
+  """fit.BOOKKEEPING settings of every fit (config section `fit`)."""
+  return dict(checkpoint_every=run.config.fit.checkpoint_every, log_every=run.config.fit.log_every)
+
+
 def _fit(run: Run, stage: str, model, examples, loss: str, tcfg, **options):
   """Train `model` on `examples`, resumable from the checkpoints under `<stage>/fit`."""
   from ilr_jax import fit
 
   seed = _stage_seed(run.config.seed, stage)
-  cfg = _train_config(tcfg, seed, **options.pop('train_options', {}))
+  cfg = _train_config(tcfg, seed, **_bookkeeping(run), **options.pop('train_options', {}))
   return fit.fit(
     model,
     examples,
@@ -343,8 +348,14 @@ def stage_pretrain(run: Run, role: str) -> dict:
   cfg = presets.get_preset(m.preset, vocab_size=tok.vocab_size, dtype=m.dtype, remat=m.remat)
   seed = _stage_seed(c.seed, stage)
   model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)), run.mesh)
+  # No test question is in the corpus: test accuracy measures what a base learned, not recall.
   corpus = arith.make_corpus(
-    f'{c.seed}', c.pretrain.corpus_size, run.task.config, c.pretrain.solved_frac
+    f'{c.seed}',
+    c.pretrain.corpus_size,
+    run.task.config,
+    c.pretrain.solved_frac,
+    c.pretrain.chat_frac,
+    exclude=frozenset(ex.question for ex in run.test),
   )
   bos = [tok.bos_id] if tok.bos_id is not None else []
   examples = []
@@ -748,7 +759,7 @@ def stage_evaluator(run: Run) -> dict:
     model,
     run.tok('evaluator'),
     data,
-    config=_train_config(et, _stage_seed(run.config.seed, stage)),
+    config=_train_config(et, _stage_seed(run.config.seed, stage), **_bookkeeping(run)),
     workdir=run.wd.path(stage, 'fit'),
     mesh=run.mesh,
     patience=et.patience,

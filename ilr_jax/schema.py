@@ -148,6 +148,13 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.pretrain.batch_size = 32
   c.pretrain.max_len = 128
   c.pretrain.solved_frac = 0.0  # arith.make_corpus: fraction of solved problems
+  c.pretrain.chat_frac = 0.0  # ... of which this fraction is in the prompt format
+
+  # When fits save: never part of a stage's fingerprint, since a fit resumed from any checkpoint
+  # ends bitwise equal to an uninterrupted one (fit.BOOKKEEPING).
+  c.fit = ml_collections.ConfigDict()
+  c.fit.checkpoint_every = 100  # steps between resumable checkpoints (a kill loses at most these)
+  c.fit.log_every = 10  # steps between metrics lines and finite-loss checks
 
   c.debug = ml_collections.ConfigDict()
   c.debug.kill_at = ''  # test hook: SIGKILL after stage 'NAME' (or 'NAME:outputs'), see workdir
@@ -225,6 +232,9 @@ def validate(config, num_devices: int | None = None) -> None:
       _need(config.pretrain.corpus_size > 0, '--config.pretrain.corpus_size must be > 0')
       _need(
         0.0 <= config.pretrain.solved_frac <= 1.0, '--config.pretrain.solved_frac must be in [0, 1]'
+      )
+      _need(
+        0.0 <= config.pretrain.chat_frac <= 1.0, '--config.pretrain.chat_frac must be in [0, 1]'
       )
       if role == 'evaluator':
         _need(

@@ -146,6 +146,32 @@ def test_corpus_with_solved_problems():
     arith.make_corpus(3, 10, solved_frac=1.5)
 
 
+def test_corpus_chat_format_and_exclusion():
+  cfg = arith.ArithConfig(min_steps=1, max_steps=2, max_operand=9, max_value=30, style='expression')
+  plain = arith.make_corpus(4, 300, cfg, solved_frac=1.0)
+  chat = arith.make_corpus(4, 300, cfg, solved_frac=1.0, chat_frac=0.5)
+  in_template = [d for d in chat if d.startswith('USER:\n')]
+  assert 100 < len(in_template) < 200  # about half of the solved problems
+  for d in in_template:
+    prompt, answer = d.split('ASSISTANT:\n')
+    question = prompt[len('USER:\n') : -2]
+    assert question.startswith('What is ') and answer.endswith(str(_value_of(answer)))
+    assert prompt == f'USER:\n{question}\n\n'  # exactly tokens.PROMPT_TEMPLATE
+  assert not any('USER:' in d for d in plain)
+  # A test split's questions never appear in the corpus when excluded, and only they change.
+  test = {p.question for p in arith.generate('t', 100, cfg)}
+  kept = arith.make_corpus(4, 300, cfg, solved_frac=1.0, exclude=frozenset(test))
+  asked = {d.split('\n')[0] for d in kept}
+  assert not asked & test
+  assert {d.split('\n')[0] for d in plain} & test  # the check above could fail
+  with pytest.raises(ValueError, match='chat_frac'):
+    arith.make_corpus(3, 10, solved_frac=1.0, chat_frac=-0.1)
+
+
+def _value_of(answer: str) -> int:
+  return int(answer.rsplit('#### ', 1)[1])
+
+
 def test_expression_style():
   cfg = arith.ArithConfig(min_steps=1, max_steps=3, max_operand=9, max_value=30, style='expression')
   for p in arith.generate('e', 200, cfg):

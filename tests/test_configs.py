@@ -138,3 +138,10 @@ def test_solved_frac_is_validated():
   c.pretrain.solved_frac = 1.5
   with pytest.raises(schema.ConfigError, match='solved_frac'):
     schema.validate(c, num_devices=1)
+
+
+def test_chat_frac_is_validated():
+  c = _get_config('arith', 'sft')
+  c.pretrain.chat_frac = 2.0
+  with pytest.raises(schema.ConfigError, match='chat_frac'):
+    schema.validate(c, num_devices=1)
