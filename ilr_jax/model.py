@@ -308,30 +308,28 @@ class Block(nnx.Module):
     self.activation = cfg.activation
     self.sliding_window = cfg.sliding_window
 
-  def __call__(self, x_BTD, q_pos_BT, mask_BTS, inv_freq, kv=None, cache_index=None, layer=None):
-    """One layer. With `kv` (this layer's cache slices) the new keys/values are written into it at
+  def __call__(
+    self, x_BTD, q_pos_BT, mask_BTS, inv_freq, kv=None, cache_index=None, kv_first=False
+  ):
+    """One layer. With `kv` (this layer's cache) the new keys/values are written into it at
     `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
 
-    With `layer` set, `kv` holds every layer's cache in the kv-first layout [L, B, K, S, H] (a loop
-    carry) and only this layer's new slots are written, before attention reads them back: XLA
-    then updates the carried cache in place instead of copying a layer slice out and back each
-    step, and attention needs no transpose of the cache (see decode_hidden).
+    With `kv_first` the cache is this layer's own buffers in the layout [B, K, S, H] (a loop carry,
+    one per layer): the new slots are written in place and attention reads the buffer as it is,
+    with no transpose and no slice of a stacked [L, ...] cache, which XLA on CPU copies out every
+    step (see decode_hidden).
     """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
     k = apply_rope(self.k(y), q_pos_BT, inv_freq)
     v = self.v(y)
-    if kv is not None and layer is not None:
-      k_all, v_all = kv
-      start = (layer, 0, 0, cache_index, 0)
-      k_new = k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype)
-      v_new = v.transpose(0, 2, 1, 3)[None].astype(v_all.dtype)
-      k_all = jax.lax.dynamic_update_slice(k_all, k_new, start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v_new, start)
-      kv = (k_all, v_all)
-      attn = attend_kv_first(
-        q, k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype), mask_BTS
-      )
+    if kv is not None and kv_first:
+      k_c, v_c = kv
+      start = (0, 0, cache_index, 0)
+      k_c = jax.lax.dynamic_update_slice(k_c, k.transpose(0, 2, 1, 3).astype(k_c.dtype), start)
+      v_c = jax.lax.dynamic_update_slice(v_c, v.transpose(0, 2, 1, 3).astype(v_c.dtype), start)
+      kv = (k_c, v_c)
+      attn = attend_kv_first(q, k_c.astype(q.dtype), v_c.astype(q.dtype), mask_BTS)
     else:
       if kv is not None:
         k_cache, v_cache = kv
@@ -351,18 +349,22 @@ class Block(nnx.Module):
     return x_BTD, kv
 
 
-Cache = dict[str, Array]  # {'k': [L, B, S, K, H], 'v': [L, B, S, K, H]}; kv-first [L, B, K, S, H]
+# {'k': [L, B, S, K, H], 'v': ...}; kv-first: {'k': L buffers [B, K, S, H], 'v': ...} (tuples)
+Cache = dict[str, Any]
 
 
 def init_cache(
   cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, kv_first: bool = False
 ) -> Cache:
-  """An empty KV cache of `max_len` slots for `batch` rows ([L, B, K, S, H] with kv_first, the
-  layout of `decode_hidden`)."""
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  if kv_first:
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  """An empty KV cache of `max_len` slots for `batch` rows: [L, B, S, K, H] arrays, or with
+  kv_first (the layout of `decode_hidden`) a tuple of L buffers [B, K, S, H] for k and for v."""
   dt = jnp.dtype(dtype or cfg.dtype)
+  if kv_first:
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return {
+      name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for name in ('k', 'v')
+    }
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
 
 
@@ -532,15 +534,16 @@ class Decoder(nnx.Module):
   ) -> tuple[Array, Cache]:
     """`decode` without the LM head: (final-norm hidden states [B, T, D], new cache).
 
-    Same contract as `decode`, but the cache is in the kv-first layout [L, B, K, S, H]
-    (`init_cache(..., kv_first=True)`), it is the carry of the layer loop and each layer writes its
-    new slots in place, so a decode loop over donated state never copies or transposes the cache
-    (the sampler's path). The caller applies `logits` to the positions it needs. With
-    `layer_states` (from `layer_states()`) the layers run unrolled on those pre-sliced weights.
+    Same contract as `decode`, but the cache is in the kv-first layout, one [B, K, S, H] buffer per
+    layer (`init_cache(..., kv_first=True)`): each layer writes its new slots into its own buffer
+    in place and attends over it as it is, so a decode loop over donated state never copies,
+    slices or transposes the cache (the sampler's path). The layers run unrolled. The caller
+    applies `logits` to the positions it needs. With `layer_states` (from `layer_states()`) the
+    layers use those pre-sliced weights.
     """
     cfg = self.cfg
     t = tokens_BT.shape[1]
-    s = cache['k'].shape[3]
+    s = cache['k'][0].shape[2]
     q_slot = cache_index + jnp.arange(t)
     k_pos = positions_from_mask(kv_mask_BS)
     mask_BTS = attention_mask(
@@ -548,24 +551,15 @@ class Decoder(nnx.Module):
     )
     inv_freq = rope_frequencies(cfg)
     graphdef, stacked = nnx.split(self.layers)
-
-    def layer(carry, layer_state, i):
-      x, kv = carry
+    if layer_states is None:
+      layer_states = [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(cfg.num_layers)]
+    x, ks, vs = self._embed(tokens_BT), list(cache['k']), list(cache['v'])
+    for i, layer_state in enumerate(layer_states):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, positions_BT, mask_BTS, inv_freq, kv, cache_index, layer=i)
-
-    carry = (self._embed(tokens_BT), (cache['k'], cache['v']))
-    if layer_states is not None:
-      for i, layer_state in enumerate(layer_states):
-        carry = layer(carry, layer_state, i)
-    elif cfg.scan_layers:
-      layer_ids = jnp.arange(cfg.num_layers)
-      carry, _ = jax.lax.scan(lambda c, xs: (layer(c, *xs), None), carry, (stacked, layer_ids))
-    else:
-      for i in range(cfg.num_layers):
-        carry = layer(carry, jax.tree.map(lambda p, i=i: p[i], stacked), i)
-    x, (k_all, v_all) = carry
-    return self.final_norm(x), {'k': k_all, 'v': v_all}
+      x, (ks[i], vs[i]) = block(
+        x, positions_BT, mask_BTS, inv_freq, (ks[i], vs[i]), cache_index, kv_first=True
+      )
+    return self.final_norm(x), {'k': tuple(ks), 'v': tuple(vs)}
 
 
 def num_params(state: Any) -> int:

@@ -282,7 +282,7 @@ def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, sp
   n, m = spec.num_samples, spec.max_new_tokens
   logits, cache, kv_mask = _prefill_logits(model, tokens_BP, mask_BP, p + m - 1)
   # n samples per prompt share the prompt's prefill: copy its cache rows, do not recompute.
-  cache = jax.tree.map(lambda c: _repeat_rows(c, n, axis=1), cache)
+  cache = jax.tree.map(lambda c: _repeat_rows(c, n), cache)
   logits = _repeat_rows(logits, n)
   if isinstance(spec.method, Greedy):  # no randomness: skip the key derivation (compile time)
     keys = jnp.zeros((b * n, 2), jnp.uint32)
@@ -415,12 +415,12 @@ def _reorder_cache(cache: Cache, parent_BN: Array) -> Cache:
   """Cache rows of each prompt's beams reordered to their parents (within the prompt's rows, so
   the gather stays local to a batch shard)."""
 
-  def one(c):
-    l, r = c.shape[:2]
+  def one(c):  # one layer's [R, K, S, H] buffer
+    r = c.shape[0]
     b, nb = parent_BN.shape
-    c = c.reshape((l, b, nb) + c.shape[2:])
-    idx = parent_BN.reshape((1, b, nb) + (1,) * (c.ndim - 3))
-    return jnp.take_along_axis(c, idx, axis=2).reshape((l, r) + c.shape[3:])
+    c = c.reshape((b, nb) + c.shape[1:])
+    idx = parent_BN.reshape((b, nb) + (1,) * (c.ndim - 2))
+    return jnp.take_along_axis(c, idx, axis=1).reshape((r,) + c.shape[2:])
 
   return jax.tree.map(one, cache)
 
@@ -447,7 +447,7 @@ def _beam_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, spec
     all_hit=jnp.zeros((), bool),
     positions_R=_repeat_rows(jnp.sum(mask_BP, axis=-1).astype(jnp.int32), nb),
     kv_mask_RS=_repeat_rows(kv_mask, nb),
-    cache=jax.tree.map(lambda c: _repeat_rows(c, nb, axis=1), cache),
+    cache=jax.tree.map(lambda c: _repeat_rows(c, nb), cache),
   )
   state, _ = _beam_step(state, logprobs, method, spec)  # all beams share the prompt's cache rows
   return state
@@ -495,8 +495,9 @@ def _state_shardings(mesh, abstract_state, num_kv_heads: int):
 
   out = jax.tree.map(leaf, abstract_state)
   kv_axis = 'tensor' if num_kv_heads % mesh.shape['tensor'] == 0 else None
-  cache = NamedSharding(mesh, P(None, shd.BATCH, kv_axis, None, None))  # [L, R, K, S, H]
-  return dataclasses.replace(out, cache={'k': cache, 'v': cache})
+  layer = NamedSharding(mesh, P(shd.BATCH, kv_axis, None, None))  # each layer's [R, K, S, H]
+  cache = jax.tree.map(lambda _: layer, out.cache)
+  return dataclasses.replace(out, cache=cache)
 
 
 def _counted(name: str, fn):

@@ -409,15 +409,19 @@ def test_decode_loop_updates_the_cache_in_place(model, batch, method, n):
   state = prefill(sampler.params, toks, mask, np.arange(B, dtype=np.int32), np.uint32(0))
   hlo = decode.lower(sampler.params, state).compile().as_text()
   rows = B * (method.num_beams if isinstance(method, S.BeamSearch) else n)
-  cache = f'f32[2,{rows},2,{P + M - 1},8]'  # [L, R, K, S, H]
+  cache = f'f32[{rows},2,{P + M - 1},8]'  # one layer's [R, K, S, H] buffer
   lines = hlo.splitlines()
   assert any(cache in x and 'dynamic-update-slice' in x for x in lines)
   copies = [x for x in lines if f'{cache}{{' in x and ' copy(' in x]
+  made = [x for x in lines if f'= {cache}{{' in x and 'fusion(' in x]
   if isinstance(method, S.BeamSearch):
-    # Reordering beams gathers the cache rows (as transformers' reorder_cache) into a new buffer,
-    # which XLA copies into the loop carry: one copy of k and of v, nothing more.
-    assert len(copies) <= 2
+    # Reordering beams gathers the cache rows (as transformers' reorder_cache) into new buffers,
+    # which XLA may copy into the loop carry: at most one copy of k and of v per layer.
+    assert len(copies) <= 2 * 2
   else:
-    # Nothing copies the cache (the scan-over-layers `decode` path copied it every step).
+    # Nothing copies the cache (the scan-over-layers `decode` path copied it every step), and
+    # nothing but the in-place update writes a cache-sized buffer (a slice of a stacked
+    # [L, ...] cache did, every layer and step).
     assert not copies
+    assert all('dynamic-update-slice' in x for x in made), made
   assert 'input_output_alias' in hlo  # the donated state's buffers are reused
