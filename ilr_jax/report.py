@@ -145,8 +145,10 @@ def plot_accuracy(
   import matplotlib.pyplot as plt
 
   agg = aggregate([dict(r, seed=r.get('seed', 0)) for r in rows])
-  fig, (ax_test, ax_label) = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, (ax_test, ax_label) = plt.subplots(1, 2, figsize=(13, 4.2))
   methods = list(dict.fromkeys(r['method'] for r in agg))  # aggregate's order: sft, ilr, ...
+  # One colour per method in both panels (matplotlib's cycle would restart on the right).
+  colors = {m: f'C{i % 10}' for i, m in enumerate(methods)}
   for method in methods:
     rs = [r for r in agg if r['method'] == method]
     for ax, key in ((ax_test, 'test_accuracy'), (ax_label, 'label_accuracy')):
@@ -157,13 +159,13 @@ def plot_accuracy(
         continue
       x, y, e = map(np.array, zip(*sorted(pts)))
       marker = 'o' if len(x) > 1 else 's'
-      ax.errorbar(x, y, yerr=e, marker=marker, capsize=3, label=method)
+      ax.errorbar(x, y, yerr=e, marker=marker, capsize=3, label=method, color=colors[method])
   ax_test.set(title='test accuracy', xlabel='round', ylabel='accuracy')
   ax_label.set(title='label accuracy (ILR)', xlabel='round', ylabel='accuracy of D_r')
   for ax in (ax_test, ax_label):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-      ax.legend()
+      ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.0, 1.0))
   if title:
     fig.suptitle(title)
   fig.tight_layout()
