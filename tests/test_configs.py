@@ -59,6 +59,27 @@ def test_arith_tiny_switch_and_all():
     _get_config('gsm8k', 'rlhf')
 
 
+@pytest.mark.parametrize('arg', ['compare', 'compare,tiny'])
+def test_arith_settings_draw_their_data(arg):
+  # The data a setting asks for exists (the knobs allow that many distinct problems), and the
+  # pretraining corpus of the pipeline never asks a test question.
+  from ilr_jax import arith, tasks
+
+  c = _get_config('arith', arg)
+  opts = {k: v for k, v in c.task.to_dict().items() if k not in ('name', 'train_limit', 'test_limit')}
+  task = tasks.get_task('arith', **{k: v for k, v in opts.items() if v is not None})
+  train, test = task.load('train'), task.load('test')
+  assert (len(train), len(test)) == (c.task.num_train, c.task.num_test)
+  exclude = frozenset(e.question for e in test)
+  corpus = arith.make_corpus(
+    c.seed, 2000, task.config, c.pretrain.solved_frac, c.pretrain.chat_frac, exclude=exclude
+  )
+  asked = {d.split('\n')[0].removeprefix('USER:') for d in corpus} | {
+    d.split('\n')[1] for d in corpus if d.startswith('USER:')
+  }
+  assert not asked & exclude
+
+
 def test_validate_one_line_errors(tmp_path):
   c = _get_config('arith', 'compare,tiny')
   schema.validate(c, num_devices=8)  # the shipped tiny config is valid on the test mesh
