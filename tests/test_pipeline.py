@@ -25,8 +25,8 @@ CONFIG = 'configs/arith.py:compare,tiny,all'
 KILLS = ('weak_labels', 'halves/weak_labels/m2:outputs', 'ilr/r1/labels', 'dpo/r1/pairs:outputs')
 ALPHA = 0.15
 
-# Two whole-pipeline runs in subprocesses: far longer than the default suite's budget on 2 cores, so
-# these run only when asked for: python -m pytest -m e2e tests/test_pipeline.py
+# Two whole-pipeline runs in subprocesses, about 3 minutes on 2 idle cores. One xdist worker runs
+# every test of a file (setup.cfg: --dist loadfile), so the module fixture is built once.
 pytestmark = pytest.mark.e2e
 
 
