@@ -2,7 +2,7 @@
 evaluator, a student pretrained twice as long; every stage of the paper's pipeline at a size a
 laptop runs.
 
-README main command (2 CPU cores, about 7 minutes on an idle machine; prints the results table at
+README main command (2 CPU cores, 7 to 9 minutes; prints the results table at
 the end and writes results.jsonl, report.md and accuracy.png into the workdir):
 
   python -m ilr_jax.main --config=configs/arith.py:compare --workdir=/tmp/arith

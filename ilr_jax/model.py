@@ -361,9 +361,7 @@ def init_cache(
   dt = jnp.dtype(dtype or cfg.dtype)
   if kv_first:
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return {
-      name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for name in ('k', 'v')
-    }
+    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for name in ('k', 'v')}
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
 

@@ -66,7 +66,9 @@ def test_arith_settings_draw_their_data(arg):
   from ilr_jax import arith, tasks
 
   c = _get_config('arith', arg)
-  opts = {k: v for k, v in c.task.to_dict().items() if k not in ('name', 'train_limit', 'test_limit')}
+  opts = {
+    k: v for k, v in c.task.to_dict().items() if k not in ('name', 'train_limit', 'test_limit')
+  }
   task = tasks.get_task('arith', **{k: v for k, v in opts.items() if v is not None})
   train, test = task.load('train'), task.load('test')
   assert (len(train), len(test)) == (c.task.num_train, c.task.num_test)
