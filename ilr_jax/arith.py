@@ -29,6 +29,8 @@ import dataclasses
 import random
 from collections.abc import Sequence
 
+from ilr_jax.tokens import prompt_text
+
 NAMES = (
   ('Mia', 'She', 'her'),
   ('Tom', 'He', 'him'),
@@ -294,8 +296,6 @@ def _solved_doc(
   while p.question in exclude:  # the knobs allow more problems than any exclusion holds
     p = make_problem(draw, cfg)
   if chat_frac and draw.chance(chat_frac):
-    from ilr_jax.tokens import prompt_text
-
     return prompt_text(p.question) + p.answer
   return f'{p.question}\n{p.answer}'
 

@@ -165,6 +165,34 @@ def _stage_seed(seed: int, stage: str) -> int:
   return (seed * 1_000_003 + zlib.crc32(stage.encode())) % (2**31)
 
 
+def make_task(task_cfg):
+  """The task of a config's `task` section (a dict, as in the workdir's config.json)."""
+  from ilr_jax import tasks
+
+  opts = {k: v for k, v in task_cfg.items() if k not in ('name', 'train_limit', 'test_limit')}
+  if opts.get('data_dir') is not None:  # documented: data_dir takes precedence over the hub
+    opts.pop('hub_id', None)
+    opts.pop('hub_config', None)
+  opts = {k: v for k, v in opts.items() if v is not None}
+  return tasks.get_task(task_cfg['name'], **opts)
+
+
+def pretrain_corpus(config, task, test) -> list[str]:
+  """arith: the pretraining documents of a run. No test question is among them, so test accuracy
+  measures what a base learned, not what it memorised."""
+  from ilr_jax import arith
+
+  p = config.pretrain
+  return arith.make_corpus(
+    f'{config.seed}',
+    p.corpus_size,
+    task.config,
+    p.solved_frac,
+    p.chat_frac,
+    exclude=frozenset(ex.question for ex in test),
+  )
+
+
 class Run:
   """What the stages share: the config, the workdir, the task's data, tokenizers and the mesh."""
 
@@ -172,13 +200,7 @@ class Run:
     from ilr_jax import sharding, tasks
 
     self.config, self.wd = config, wd
-    task_cfg = config.task.to_dict()
-    opts = {k: v for k, v in task_cfg.items() if k not in ('name', 'train_limit', 'test_limit')}
-    if opts.get('data_dir') is not None:  # documented: data_dir takes precedence over the hub
-      opts.pop('hub_id', None)
-      opts.pop('hub_config', None)
-    opts = {k: v for k, v in opts.items() if v is not None}
-    self.task = tasks.get_task(config.task.name, **opts)
+    self.task = make_task(config.task.to_dict())
     self.train = self.task.load('train', config.task.train_limit)
     self.test = self.task.load('test', config.task.test_limit)
     idx_a, idx_b = tasks.split_halves(len(self.train), config.seed)
@@ -339,7 +361,7 @@ def stage_pretrain(run: Run, role: str) -> dict:
   """arith: a tiny base from its preset, trained as an LM on the arith corpus (all tokens)."""
   from flax import nnx
 
-  from ilr_jax import arith, presets, sharding
+  from ilr_jax import presets, sharding
   from ilr_jax.model import Decoder
 
   c, stage = run.config, f'pretrain/{role}'
@@ -348,15 +370,7 @@ def stage_pretrain(run: Run, role: str) -> dict:
   cfg = presets.get_preset(m.preset, vocab_size=tok.vocab_size, dtype=m.dtype, remat=m.remat)
   seed = _stage_seed(c.seed, stage)
   model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)), run.mesh)
-  # No test question is in the corpus: test accuracy measures what a base learned, not recall.
-  corpus = arith.make_corpus(
-    f'{c.seed}',
-    c.pretrain.corpus_size,
-    run.task.config,
-    c.pretrain.solved_frac,
-    c.pretrain.chat_frac,
-    exclude=frozenset(ex.question for ex in run.test),
-  )
+  corpus = pretrain_corpus(c, run.task, run.test)
   bos = [tok.bos_id] if tok.bos_id is not None else []
   examples = []
   for doc in corpus:

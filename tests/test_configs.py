@@ -62,24 +62,16 @@ def test_arith_tiny_switch_and_all():
 @pytest.mark.parametrize('arg', ['compare', 'compare,tiny'])
 def test_arith_settings_draw_their_data(arg):
   # The data a setting asks for exists (the knobs allow that many distinct problems), and the
-  # pretraining corpus of the pipeline never asks a test question.
-  from ilr_jax import arith, tasks
-
+  # pipeline's pretraining corpus never asks a test question.
   c = _get_config('arith', arg)
-  opts = {
-    k: v for k, v in c.task.to_dict().items() if k not in ('name', 'train_limit', 'test_limit')
-  }
-  task = tasks.get_task('arith', **{k: v for k, v in opts.items() if v is not None})
+  task = pipeline.make_task(c.task.to_dict())
   train, test = task.load('train'), task.load('test')
   assert (len(train), len(test)) == (c.task.num_train, c.task.num_test)
-  exclude = frozenset(e.question for e in test)
-  corpus = arith.make_corpus(
-    c.seed, 2000, task.config, c.pretrain.solved_frac, c.pretrain.chat_frac, exclude=exclude
-  )
-  asked = {d.split('\n')[0].removeprefix('USER:') for d in corpus} | {
-    d.split('\n')[1] for d in corpus if d.startswith('USER:')
-  }
-  assert not asked & exclude
+  corpus = pipeline.pretrain_corpus(c, task, test)
+  assert len(corpus) == c.pretrain.corpus_size
+  # A solved problem's question is its first line, or its second in the prompt format.
+  asked = {d.split('\n')[1 if d.startswith('USER:') else 0] for d in corpus}
+  assert not asked & {e.question for e in test}
 
 
 def test_validate_one_line_errors(tmp_path):

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from ilr_jax import tasks, workdir
+from ilr_jax import pipeline, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = 'configs/arith.py:compare,tiny,all'
@@ -78,9 +78,7 @@ def _label_dirs(wd):
 
 
 def _task(wd):
-  cfg = json.loads((wd / 'config.json').read_text())['task']
-  opts = {k: v for k, v in cfg.items() if k not in ('name', 'train_limit', 'test_limit')}
-  return tasks.get_task('arith', **{k: v for k, v in opts.items() if v is not None})
+  return pipeline.make_task(json.loads((wd / 'config.json').read_text())['task'])
 
 
 @pytest.mark.slow
