@@ -147,6 +147,25 @@ def first_argmax(x_BV: Array) -> Array:
   return jnp.minimum(first, v - 1)  # a row of NaNs matches nothing
 
 
+def top_k(x_BV: Array, k: int, block: int = BLOCK) -> tuple[Array, Array]:
+  """`jax.lax.top_k` over the last axis, with the same values, indices and tie order (the lower
+  index first), from block maxima: the k largest entries lie in the k blocks with the largest
+  maxima, so one pass over x finds those blocks and TopK runs on their k * block entries only.
+  (XLA's CPU TopK over a beam search's [B, num_beams * V] candidates costs about 1 ms per step on
+  bench-small; this about a fifth of that.)"""
+  b, v = x_BV.shape
+  nb = -(-v // block)
+  if nb <= k:
+    return jax.lax.top_k(x_BV, k)
+  xb = jnp.pad(x_BV, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf).reshape(b, nb, block)
+  blocks = jax.lax.top_k(jnp.max(xb, axis=-1), k)[1]
+  blocks = jnp.sort(blocks, axis=-1)  # candidates in index order keep lax.top_k's tie order
+  cand = jnp.take_along_axis(xb, blocks[:, :, None], axis=1).reshape(b, k * block)
+  values, pos = jax.lax.top_k(cand, k)
+  idx = jnp.take_along_axis(blocks, pos // block, axis=1) * block + pos % block
+  return values, idx.astype(jnp.int32)
+
+
 def inverse_cdf(weights_BV: Array, u_B: Array) -> Array:
   """Per row, the token i with cdf[i - 1] <= u * total < cdf[i], for weights >= 0 (unnormalised)
   and u in [0, 1): the block sums' running total picks a block of BLOCK tokens, then that block's
@@ -358,7 +377,7 @@ def _beam_step(s: BeamState, logprobs_RV: Array, method: BeamSearch, spec: _Spec
   k2 = max(2, 1 + len(spec.stop_ids)) * nb
   lp = method.length_penalty
   cand = (logprobs_RV.reshape(b, nb, v) + s.running_scores_BN[:, :, None]).reshape(b, nb * v)
-  top_scores, top_idx = jax.lax.top_k(cand, k2)
+  top_scores, top_idx = top_k(cand, k2)
   parent = top_idx // v
   tok = (top_idx % v).astype(jnp.int32)
   seqs = _gather(s.running_BNM, parent)

@@ -269,6 +269,28 @@ def test_inverse_cdf_over_many_blocks():
   assert list(ends) == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
 
 
+@pytest.mark.parametrize('kind', ['normal', 'ties', 'removed'])
+def test_blocked_top_k_equals_lax_top_k(kind):
+  # Same values, indices and tie order as lax.top_k, with rows that are not a whole number of
+  # blocks, many exact ties (small integers) and -inf entries (removed tokens, as in beam search).
+  rng = np.random.default_rng(['normal', 'ties', 'removed'].index(kind))
+  top_k = jax.jit(S.top_k, static_argnums=(1, 2))
+  for _ in range(20):
+    b, v, k = int(rng.integers(1, 5)), int(rng.integers(40, 2000)), int(rng.integers(1, 12))
+    block = int(rng.choice([4, 16, 128]))
+    if kind == 'ties':
+      x = rng.integers(0, 4, (b, v)).astype(np.float32)
+    else:
+      x = rng.standard_normal((b, v)).astype(np.float32)
+    if kind == 'removed':
+      x[rng.random((b, v)) < 0.5] = -np.inf
+      x[:, : v // 2] = -np.inf
+    want_v, want_i = jax.lax.top_k(x, k)
+    got_v, got_i = top_k(x, k, block)
+    np.testing.assert_array_equal(got_v, want_v)
+    np.testing.assert_array_equal(got_i, want_i)
+
+
 def test_samples_share_prefill_and_follow_the_model(model):
   # n samples of one prompt (one prefill, copied cache rows): first-token frequencies follow the
   # model's softmax, the samples are independent of each other, and the seed decides them.
