@@ -349,6 +349,29 @@ def test_cached_decoding_equals_recomputation(model, batch):
   assert (out.lengths == M).any()
 
 
+def test_lora_model_decodes_as_its_unmerged_forward(model, batch):
+  # The sampler merges an adapter into the kernels once; the sequences it samples score, under
+  # the adapted model's own (unmerged) forward pass, what the sampler says they score.
+  from ilr_jax import lora
+
+  seqs, toks, mask = batch
+  adapted = lora.add_lora(model, 4, 8.0, 'all', rng=5)
+  for name in ('q', 'k', 'v', 'o', 'gate', 'up', 'down'):
+    var = getattr(adapted.layers, name).lora_b
+    var[...] = 0.5 * jax.random.normal(jax.random.key(len(name)), var[...].shape)
+  sampler = S.Sampler(adapted)
+  assert sampler.cfg.lora_rank == 0 and adapted.cfg.lora_rank == 4  # the input is left as it is
+  method, n = METHODS[0]
+  out = _run(sampler, toks, mask, method, n, seed=3)
+  base = _run(S.Sampler(model), toks, mask, method, n, seed=3)
+  assert (out.tokens != base.tokens).any()  # the adapter changes what is sampled
+  for i, prompt in enumerate(seqs[:4]):
+    new = [int(t) for t in out.tokens[i, 0, : out.lengths[i, 0]]]
+    logits = _recompute_logits(adapted, prompt + new)[len(prompt) - 1 : -1]
+    logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    np.testing.assert_allclose(out.scores[i, 0], logp[np.arange(len(new)), new].sum(), atol=1e-3)
+
+
 @pytest.mark.parametrize('method,n', METHODS, ids=['sample', 'beam'])
 def test_rows_do_not_depend_on_batch_order_or_padding(model, batch, method, n):
   seqs, toks, mask = batch
