@@ -309,7 +309,15 @@ class Block(nnx.Module):
     self.sliding_window = cfg.sliding_window
 
   def __call__(
-    self, x_BTD, q_pos_BT, mask_BTS, inv_freq, kv=None, cache_index=None, kv_first=False
+    self,
+    x_BTD,
+    q_pos_BT,
+    mask_BTS,
+    inv_freq,
+    kv=None,
+    cache_index=None,
+    kv_first=False,
+    last_only=False,
   ):
     """One layer. With `kv` (this layer's cache) the new keys/values are written into it at
     `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
@@ -318,6 +326,9 @@ class Block(nnx.Module):
     one per layer): the new slots are written in place and attention reads the buffer as it is,
     with no transpose and no slice of a stacked [L, ...] cache, which XLA on CPU copies out every
     step (see decode_hidden).
+
+    With `last_only` (kv-first only) every position's keys and values are written but the rest of
+    the layer runs for the last position only, which is all a prefill's final layer needs.
     """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
@@ -329,6 +340,8 @@ class Block(nnx.Module):
       k_c = jax.lax.dynamic_update_slice(k_c, k.transpose(0, 2, 1, 3).astype(k_c.dtype), start)
       v_c = jax.lax.dynamic_update_slice(v_c, v.transpose(0, 2, 1, 3).astype(v_c.dtype), start)
       kv = (k_c, v_c)
+      if last_only:
+        q, x_BTD, mask_BTS = q[:, -1:], x_BTD[:, -1:], mask_BTS[:, -1:]
       attn = attend_kv_first(q, k_c.astype(q.dtype), v_c.astype(q.dtype), mask_BTS)
     else:
       if kv is not None:
@@ -529,6 +542,7 @@ class Decoder(nnx.Module):
     cache_index: Array,
     kv_mask_BS: Array,
     layer_states: list[Any] | None = None,
+    last_only: bool = False,
   ) -> tuple[Array, Cache]:
     """`decode` without the LM head: (final-norm hidden states [B, T, D], new cache).
 
@@ -537,7 +551,9 @@ class Decoder(nnx.Module):
     in place and attends over it as it is, so a decode loop over donated state never copies,
     slices or transposes the cache (the sampler's path). The layers run unrolled. The caller
     applies `logits` to the positions it needs. With `layer_states` (from `layer_states()`) the
-    layers use those pre-sliced weights.
+    layers use those pre-sliced weights. With `last_only` the hidden states are [B, 1, D], the
+    last position's: the final layer then runs its attention output and MLP for that position only
+    (a prefill's cache is complete without them; the first new token needs only the last logits).
     """
     cfg = self.cfg
     t = tokens_BT.shape[1]
@@ -554,8 +570,16 @@ class Decoder(nnx.Module):
     x, ks, vs = self._embed(tokens_BT), list(cache['k']), list(cache['v'])
     for i, layer_state in enumerate(layer_states):
       block = nnx.merge(graphdef, layer_state)
+      last = last_only and i == len(layer_states) - 1
       x, (ks[i], vs[i]) = block(
-        x, positions_BT, mask_BTS, inv_freq, (ks[i], vs[i]), cache_index, kv_first=True
+        x,
+        positions_BT,
+        mask_BTS,
+        inv_freq,
+        (ks[i], vs[i]),
+        cache_index,
+        kv_first=True,
+        last_only=last,
       )
     return self.final_norm(x), {'k': tuple(ks), 'v': tuple(vs)}
 

@@ -276,8 +276,9 @@ def _prefill_logits(model: Decoder, tokens_BP: Array, mask_BP: Array, cache_len:
   cache = init_cache(model.cfg, b, cache_len, kv_first=True)
   kv_mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(mask_BP)
   positions = positions_from_mask(mask_BP)
-  h, cache = model.decode_hidden(tokens_BP, positions, cache, 0, kv_mask)
-  # Only the last slot's logits are needed (every prompt ends there): skip the LM head elsewhere.
+  # Only the last slot's logits are needed (every prompt ends there): the final layer's attention
+  # output and MLP, and the LM head, run for that slot only.
+  h, cache = model.decode_hidden(tokens_BP, positions, cache, 0, kv_mask, last_only=True)
   return model.logits(h[:, -1]), cache, kv_mask
 
 

@@ -1,5 +1,7 @@
 """The decoder against transformers' PyTorch models (golden logits), and its own properties."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +148,32 @@ def test_prefill_then_decode_equals_full_forward(window):
   stepped = np.concatenate(outs, axis=1)
   valid = mask.astype(bool)
   np.testing.assert_allclose(stepped[valid], full[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize('window', [None, 4])
+def test_prefill_of_the_last_position_only_writes_the_same_cache(window):
+  # decode_hidden(last_only=True), the sampler's prefill: the last position's hidden state and
+  # every layer's cache equal those of the full prefill (which runs every position everywhere).
+  cfg = _tiny_cfg(sliding_window=window, num_layers=3)
+  model = Decoder(cfg, rngs=nnx.Rngs(2))
+  ids, mask = _batch('left', t=10, vocab=97)
+  s = ids.shape[1] + 3
+  kv_mask = np.zeros((ids.shape[0], s), np.int32)
+  kv_mask[:, : ids.shape[1]] = mask
+  pos = positions_from_mask(jnp.asarray(mask))
+  args = (jnp.asarray(ids), pos)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(last_only, ids, pos):
+    cache = init_cache(cfg, ids.shape[0], s, kv_first=True)
+    return model.decode_hidden(ids, pos, cache, 0, jnp.asarray(kv_mask), last_only=last_only)
+
+  h_all, cache_all = run(False, *args)
+  h_last, cache_last = run(True, *args)
+  assert h_last.shape == (ids.shape[0], 1, cfg.hidden_size)
+  np.testing.assert_allclose(h_last[:, 0], h_all[:, -1], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(cache_all), jax.tree.leaves(cache_last), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_padding_does_not_change_a_row():
