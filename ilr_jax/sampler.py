@@ -238,6 +238,7 @@ class BeamState:
   is_finished_BN: Array  # [B, N] bool
   open_B: Array  # [B] bool: the best running beam may still beat the worst finished one
   all_hit: Array  # [] bool: every candidate of the last step hit a stopping criterion
+  parent_BN: Array  # [B, N] int32: the beam each running beam continues (its cache rows' source)
   positions_R: Array  # [R] int32
   kv_mask_RS: Array  # [R, S] int32
   cache: Cache
@@ -432,16 +433,20 @@ def _beam_step(s: BeamState, logprobs_RV: Array, method: BeamSearch, spec: _Spec
   return new, running_parent
 
 
-def _reorder_cache(cache: Cache, parent_BN: Array) -> Cache:
+def _reorder_cache(cache: Cache, parent_BN: Array, first_slot: int) -> Cache:
   """Cache rows of each prompt's beams reordered to their parents (within the prompt's rows, so
-  the gather stays local to a batch shard)."""
+  the gather stays local to a batch shard). Only slots from `first_slot` on (the new tokens') are
+  moved: the prompt's slots are the same in all beams of a prompt (copies of its prefill) and are
+  never written again, so a step moves M - 1 slots per row instead of P + M - 1."""
 
   def one(c):  # one layer's [R, K, S, H] buffer
     r = c.shape[0]
     b, nb = parent_BN.shape
-    c = c.reshape((b, nb) + c.shape[1:])
-    idx = parent_BN.reshape((b, nb) + (1,) * (c.ndim - 2))
-    return jnp.take_along_axis(c, idx, axis=1).reshape((r,) + c.shape[2:])
+    new = c[:, :, first_slot:]
+    new = new.reshape((b, nb) + new.shape[1:])
+    idx = parent_BN.reshape((b, nb) + (1,) * (new.ndim - 2))
+    new = jnp.take_along_axis(new, idx, axis=1).reshape((r,) + new.shape[2:])
+    return jax.lax.dynamic_update_slice_in_dim(c, new, first_slot, axis=2)
 
   return jax.tree.map(one, cache)
 
@@ -466,11 +471,13 @@ def _beam_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, spec
     is_finished_BN=jnp.zeros((b, nb), bool),
     open_B=jnp.ones((b,), bool),
     all_hit=jnp.zeros((), bool),
+    parent_BN=jnp.zeros((b, nb), jnp.int32),
     positions_R=_repeat_rows(jnp.sum(mask_BP, axis=-1).astype(jnp.int32), nb),
     kv_mask_RS=_repeat_rows(kv_mask, nb),
     cache=jax.tree.map(lambda c: _repeat_rows(c, nb), cache),
   )
-  state, _ = _beam_step(state, logprobs, method, spec)  # all beams share the prompt's cache rows
+  # All beams' cache rows are the prompt's, so the first step's parents need no reordering.
+  state, _ = _beam_step(state, logprobs, method, spec)
   return state
 
 
@@ -489,6 +496,10 @@ def _beam_decode(graphdef, params, state: BeamState, *, spec: _Spec) -> BeamStat
   prompt_len = state.kv_mask_RS.shape[1] - (m - 1)
 
   def body(s: BeamState) -> BeamState:
+    # The last step's beams continue their parents: move the new tokens' cache slots to them
+    # first (before this step writes its slot, so the gather reads the loop-carried buffers and
+    # writes back into them in place; after the write XLA would copy every cache each step).
+    s = dataclasses.replace(s, cache=_reorder_cache(s.cache, s.parent_BN, prompt_len))
     slot = prompt_len + s.step - 1
     last = jax.lax.dynamic_index_in_dim(s.running_BNM, s.step - 1, axis=2, keepdims=False)
     kv_mask = jax.lax.dynamic_update_slice(
@@ -500,7 +511,7 @@ def _beam_decode(graphdef, params, state: BeamState, *, spec: _Spec) -> BeamStat
     logprobs = jax.nn.log_softmax(model.logits(h[:, 0]), axis=-1)
     s = dataclasses.replace(s, positions_R=s.positions_R + 1, kv_mask_RS=kv_mask)
     s, parent = _beam_step(s, logprobs, method, spec)
-    return dataclasses.replace(s, cache=_reorder_cache(cache, parent))
+    return dataclasses.replace(s, cache=cache, parent_BN=parent)
 
   return jax.lax.while_loop(lambda s: _beam_running(s, method, m), body, state)
 

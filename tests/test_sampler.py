@@ -459,14 +459,11 @@ def test_decode_loop_updates_the_cache_in_place(model, batch, method, n):
   assert any(cache in x and 'dynamic-update-slice' in x for x in lines)
   copies = [x for x in lines if f'{cache}{{' in x and ' copy(' in x]
   made = [x for x in lines if f'= {cache}{{' in x and 'fusion(' in x]
-  if isinstance(method, S.BeamSearch):
-    # Reordering beams gathers the cache rows (as transformers' reorder_cache) into new buffers,
-    # which XLA may copy into the loop carry: at most one copy of k and of v per layer.
-    assert len(copies) <= 2 * 2
-  else:
-    # Nothing copies the cache (the scan-over-layers `decode` path copied it every step), and
-    # nothing but the in-place update writes a cache-sized buffer (a slice of a stacked
-    # [L, ...] cache did, every layer and step).
-    assert not copies
-    assert all('dynamic-update-slice' in x for x in made), made
+  # Nothing copies the cache (the scan-over-layers `decode` path copied it every step; beam
+  # search reordering whole rows after the step's write copied each gathered buffer back into the
+  # loop carry), and nothing but in-place updates writes a cache-sized buffer (a slice of a
+  # stacked [L, ...] cache did, every layer and step). Beam search moves the new tokens' slots to
+  # their parent beams with an in-place update too.
+  assert not copies, copies
+  assert all('dynamic-update-slice' in x for x in made), made
   assert 'input_output_alias' in hlo  # the donated state's buffers are reused
