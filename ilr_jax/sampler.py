@@ -122,7 +122,9 @@ def processed_logits(logits_BV: Array, method: Sample) -> Array:
   logits = logits_BV.astype(jnp.float32) / method.temperature
   v = logits.shape[-1]
   if method.top_k and method.top_k < v:
-    kth = jax.lax.top_k(logits, method.top_k)[0][:, -1:]
+    # The k-th value as the min of the top k: slicing it out ([:, -1:]) makes XLA:CPU drop its
+    # TopK kernel for a full sort of the vocabulary (80 ms instead of 1 ms for [16, 32000]).
+    kth = jnp.min(jax.lax.top_k(logits, method.top_k)[0], axis=-1, keepdims=True)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if method.top_p < 1.0:
     probs = jax.nn.softmax(logits, axis=-1)
@@ -136,7 +138,7 @@ def processed_logits(logits_BV: Array, method: Sample) -> Array:
   return logits
 
 
-BLOCK = 128  # tokens per block of the two-level inverse CDF
+BLOCK = 128  # tokens per block of the two-level inverse CDF and of the blocked top-k
 
 
 def first_argmax(x_BV: Array) -> Array:
@@ -471,14 +473,13 @@ def _beam_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, spec
     is_finished_BN=jnp.zeros((b, nb), bool),
     open_B=jnp.ones((b,), bool),
     all_hit=jnp.zeros((), bool),
-    parent_BN=jnp.zeros((b, nb), jnp.int32),
+    parent_BN=jnp.zeros((b, nb), jnp.int32),  # set by the first step below
     positions_R=_repeat_rows(jnp.sum(mask_BP, axis=-1).astype(jnp.int32), nb),
     kv_mask_RS=_repeat_rows(kv_mask, nb),
     cache=jax.tree.map(lambda c: _repeat_rows(c, nb), cache),
   )
-  # All beams' cache rows are the prompt's, so the first step's parents need no reordering.
-  state, _ = _beam_step(state, logprobs, method, spec)
-  return state
+  state, parent = _beam_step(state, logprobs, method, spec)
+  return dataclasses.replace(state, parent_BN=parent)
 
 
 def _beam_running(s: BeamState, method: BeamSearch, m: int) -> Array:

@@ -269,6 +269,14 @@ def test_inverse_cdf_over_many_blocks():
   assert list(ends) == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
 
 
+def test_top_k_filter_compiles_to_xla_top_k_not_a_sort():
+  # Slicing the k-th value out of lax.top_k made XLA:CPU replace its TopK kernel with a full sort
+  # of the vocabulary on every step (80 ms instead of 1 ms for [16, 32000]).
+  x = jax.ShapeDtypeStruct((4, 1000), jnp.float32)
+  hlo = jax.jit(lambda x: S.processed_logits(x, S.Sample(top_k=5))).lower(x).compile().as_text()
+  assert 'TopK' in hlo and ' sort(' not in hlo
+
+
 @pytest.mark.parametrize('kind', ['normal', 'ties', 'removed'])
 def test_blocked_top_k_equals_lax_top_k(kind):
   # Same values, indices and tie order as lax.top_k, with rows that are not a whole number of
