@@ -99,24 +99,12 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Write `obj` as JSON through a temporary file and a rename (atomic on POSIX)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + '.tmp-', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(_jsonable(obj), f, indent=1, sort_keys=True)
-      f.write('\n')
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
+  write_text(path, json.dumps(_jsonable(obj), indent=1, sort_keys=True) + '\n')
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  """Write a text file through a temporary file and a rename."""
+  """Write a text file through a temporary file and a rename (atomic on POSIX); on any failure,
+  an interrupt included, the temporary file is removed and `path` keeps its old contents."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=path.name + '.tmp-', dir=path.parent)
