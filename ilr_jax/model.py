@@ -266,14 +266,17 @@ def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Arra
   return out.reshape(b, t, n, h)
 
 
-def attend_kv_first(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array) -> Array:
-  """`attend` over a cache laid out [B, K, S, H]: both matmuls then batch over (B, K) with no
-  transpose of the cache (the [B, S, K, H] layout costs one per layer and step when decoding)."""
+def attend_kv_first(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array) -> Array:
+  """`attend` over a cache laid out keys [B, K, H, S], values [B, K, S, H]: both matmuls then batch
+  over (B, K) with each cache in the layout its matmul reads (keys as the [H, S] right-hand side of
+  q . k, values as the [S, H] one of p . v), so neither is transposed when decoding. (With keys
+  [B, K, S, H] XLA:CPU repacks the whole key cache for every q . k: 200 us of a bench-small layer's
+  800 us per step, against 50 us for the same-sized p . v.)"""
   b, t, n, h = q_BTNH.shape
-  k, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  k, s = k_BKHS.shape[1], k_BKHS.shape[3]
   g = n // k
   q_BKQH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, h)
-  logits = jnp.einsum('BKQH,BKSH->BKQS', q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+  logits = jnp.einsum('BKQH,BKHS->BKQS', q_BKQH, k_BKHS, preferred_element_type=jnp.float32)
   logits = logits * (h**-0.5)
   mask_BKQS = jnp.broadcast_to(mask_BTS[:, None, :, None, :], (b, k, t, g, s)).reshape(b, k, -1, s)
   logits = jnp.where(mask_BKQS, logits, jnp.finfo(jnp.float32).min)
@@ -322,10 +325,10 @@ class Block(nnx.Module):
     """One layer. With `kv` (this layer's cache) the new keys/values are written into it at
     `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
 
-    With `kv_first` the cache is this layer's own buffers in the layout [B, K, S, H] (a loop carry,
-    one per layer): the new slots are written in place and attention reads the buffer as it is,
-    with no transpose and no slice of a stacked [L, ...] cache, which XLA on CPU copies out every
-    step (see decode_hidden).
+    With `kv_first` the cache is this layer's own buffers, keys [B, K, H, S] and values
+    [B, K, S, H] (loop carries, one per layer): the new slots are written in place and attention
+    reads the buffers as they are, with no transpose and no slice of a stacked [L, ...] cache,
+    which XLA on CPU copies out every step (see decode_hidden).
 
     With `last_only` (kv-first only) every position's keys and values are written but the rest of
     the layer runs for the last position only, which is all a prefill's final layer needs.
@@ -335,10 +338,11 @@ class Block(nnx.Module):
     k = apply_rope(self.k(y), q_pos_BT, inv_freq)
     v = self.v(y)
     if kv is not None and kv_first:
-      k_c, v_c = kv
-      start = (0, 0, cache_index, 0)
-      k_c = jax.lax.dynamic_update_slice(k_c, k.transpose(0, 2, 1, 3).astype(k_c.dtype), start)
-      v_c = jax.lax.dynamic_update_slice(v_c, v.transpose(0, 2, 1, 3).astype(v_c.dtype), start)
+      k_c, v_c = kv  # [B, K, H, S] and [B, K, S, H]
+      new_k = k.transpose(0, 2, 3, 1).astype(k_c.dtype)
+      k_c = jax.lax.dynamic_update_slice(k_c, new_k, (0, 0, 0, cache_index))
+      new_v = v.transpose(0, 2, 1, 3).astype(v_c.dtype)
+      v_c = jax.lax.dynamic_update_slice(v_c, new_v, (0, 0, cache_index, 0))
       kv = (k_c, v_c)
       if last_only:
         q, x_BTD, mask_BTS = q[:, -1:], x_BTD[:, -1:], mask_BTS[:, -1:]
@@ -362,7 +366,8 @@ class Block(nnx.Module):
     return x_BTD, kv
 
 
-# {'k': [L, B, S, K, H], 'v': ...}; kv-first: {'k': L buffers [B, K, S, H], 'v': ...} (tuples)
+# {'k': [L, B, S, K, H], 'v': ...}; kv-first: {'k': L buffers [B, K, H, S], 'v': L buffers
+# [B, K, S, H]} (tuples)
 Cache = dict[str, Any]
 
 
@@ -370,11 +375,16 @@ def init_cache(
   cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, kv_first: bool = False
 ) -> Cache:
   """An empty KV cache of `max_len` slots for `batch` rows: [L, B, S, K, H] arrays, or with
-  kv_first (the layout of `decode_hidden`) a tuple of L buffers [B, K, S, H] for k and for v."""
+  kv_first (the layout of `decode_hidden`) tuples of L buffers, keys [B, K, H, S] and values
+  [B, K, S, H]."""
   dt = jnp.dtype(dtype or cfg.dtype)
   if kv_first:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return {name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)) for name in ('k', 'v')}
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return {
+      name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+      for name, shape in (('k', k_shape), ('v', v_shape))
+    }
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
 
@@ -546,18 +556,19 @@ class Decoder(nnx.Module):
   ) -> tuple[Array, Cache]:
     """`decode` without the LM head: (final-norm hidden states [B, T, D], new cache).
 
-    Same contract as `decode`, but the cache is in the kv-first layout, one [B, K, S, H] buffer per
-    layer (`init_cache(..., kv_first=True)`): each layer writes its new slots into its own buffer
-    in place and attends over it as it is, so a decode loop over donated state never copies,
-    slices or transposes the cache (the sampler's path). The layers run unrolled. The caller
-    applies `logits` to the positions it needs. With `layer_states` (from `layer_states()`) the
-    layers use those pre-sliced weights. With `last_only` the hidden states are [B, 1, D], the
-    last position's: the final layer then runs its attention output and MLP for that position only
-    (a prefill's cache is complete without them; the first new token needs only the last logits).
+    Same contract as `decode`, but the cache is in the kv-first layout, per layer one key buffer
+    [B, K, H, S] and one value buffer [B, K, S, H] (`init_cache(..., kv_first=True)`): each layer
+    writes its new slots into its own buffers in place and attends over them as they are, so a
+    decode loop over donated state never copies, slices or transposes the cache (the sampler's
+    path). The layers run unrolled. The caller applies `logits` to the positions it needs. With
+    `layer_states` (from `layer_states()`) the layers use those pre-sliced weights. With
+    `last_only` the hidden states are [B, 1, D], the last position's: the final layer then runs its
+    attention output and MLP for that position only (a prefill's cache is complete without them;
+    the first new token needs only the last logits).
     """
     cfg = self.cfg
     t = tokens_BT.shape[1]
-    s = cache['k'][0].shape[2]
+    s = cache['v'][0].shape[2]
     q_slot = cache_index + jnp.arange(t)
     k_pos = positions_from_mask(kv_mask_BS)
     mask_BTS = attention_mask(

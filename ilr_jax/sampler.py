@@ -441,16 +441,19 @@ def _reorder_cache(cache: Cache, parent_BN: Array, first_slot: int) -> Cache:
   moved: the prompt's slots are the same in all beams of a prompt (copies of its prefill) and are
   never written again, so a step moves M - 1 slots per row instead of P + M - 1."""
 
-  def one(c):  # one layer's [R, K, S, H] buffer
+  def one(c, axis):  # one layer's keys [R, K, H, S] (slots on axis 3) or values [R, K, S, H] (2)
     r = c.shape[0]
     b, nb = parent_BN.shape
-    new = c[:, :, first_slot:]
+    new = jax.lax.slice_in_dim(c, first_slot, c.shape[axis], axis=axis)
     new = new.reshape((b, nb) + new.shape[1:])
     idx = parent_BN.reshape((b, nb) + (1,) * (new.ndim - 2))
     new = jnp.take_along_axis(new, idx, axis=1).reshape((r,) + new.shape[2:])
-    return jax.lax.dynamic_update_slice_in_dim(c, new, first_slot, axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(c, new, first_slot, axis=axis)
 
-  return jax.tree.map(one, cache)
+  return {
+    'k': tuple(one(c, 3) for c in cache['k']),
+    'v': tuple(one(c, 2) for c in cache['v']),
+  }
 
 
 def _beam_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, spec: _Spec):
@@ -528,7 +531,7 @@ def _state_shardings(mesh, abstract_state, num_kv_heads: int):
 
   out = jax.tree.map(leaf, abstract_state)
   kv_axis = 'tensor' if num_kv_heads % mesh.shape['tensor'] == 0 else None
-  layer = NamedSharding(mesh, P(shd.BATCH, kv_axis, None, None))  # each layer's [R, K, S, H]
+  layer = NamedSharding(mesh, P(shd.BATCH, kv_axis, None, None))  # [R, K, H, S] / [R, K, S, H]
   cache = jax.tree.map(lambda _: layer, out.cache)
   return dataclasses.replace(out, cache=cache)
 
