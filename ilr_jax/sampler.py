@@ -6,7 +6,8 @@ A batch of left-padded prompts [B, P] is decoded in two jitted calls:
     rows are copied to `num_samples` (or `num_beams`) rows per prompt, so the prompt's prefill is
     shared, never recomputed;
   * decode: a `lax.while_loop` over an explicit state (tokens, done flags, positions, KV cache,
-    PRNG keys), one token per step, until every row has emitted a stop token or M tokens exist.
+    the rows' uniforms drawn from their PRNG keys), one token per step, until every row has
+    emitted a stop token or M tokens exist.
     The state is donated and the cache is updated in place (`decode_hidden` writes each layer's
     new slot into the loop-carried cache).
 
@@ -110,13 +111,6 @@ def parse_method(name: str, **kwargs) -> Method:
 # -- token choice ------------------------------------------------------------------------------
 
 
-def log_softmax_at(logits_BV: Array, tokens_B: Array) -> Array:
-  """log softmax(logits)[token] per row, float32."""
-  logits = logits_BV.astype(jnp.float32)
-  picked = jnp.take_along_axis(logits, tokens_B[:, None], axis=-1)[:, 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
 def processed_logits(logits_BV: Array, method: Sample) -> Array:
   """Logits after temperature, top-k and top-p; removed tokens are -inf."""
   logits = logits_BV.astype(jnp.float32) / method.temperature
@@ -141,13 +135,27 @@ def processed_logits(logits_BV: Array, method: Sample) -> Array:
 BLOCK = 128  # tokens per block of the two-level inverse CDF and of the blocked top-k
 
 
+def max_and_first_argmax(x_BV: Array, block: int = BLOCK) -> tuple[Array, Array]:
+  """Each row's maximum and the index of its first occurrence (jnp.argmax's tie rule), from one
+  pass over x (block maxima), then the first block that holds the maximum and the first match in
+  it. (XLA:CPU's argmax reduction, or a max followed by a min over a [B, V] array of indices, takes
+  two or three passes over the logits; a row of NaNs gives V - 1.)"""
+  b, v = x_BV.shape
+  nb = -(-v // block)
+  xb = jnp.pad(x_BV, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf)
+  xb = xb.reshape(b, nb, block)
+  block_max = jnp.max(xb, axis=-1)
+  top = jnp.max(block_max, axis=-1)
+  blk = jnp.min(jnp.where(block_max == top[:, None], jnp.arange(nb, dtype=jnp.int32), nb), axis=-1)
+  blk = jnp.minimum(blk, nb - 1)
+  inner = jnp.take_along_axis(xb, blk[:, None, None], axis=1)[:, 0]
+  pos = jnp.min(jnp.where(inner == top[:, None], jnp.arange(block, dtype=jnp.int32), block), -1)
+  return top, jnp.minimum(blk * block + pos, v - 1)
+
+
 def first_argmax(x_BV: Array) -> Array:
-  """Index of each row's maximum, the first one on ties (as torch.argmax and jnp.argmax), from a
-  max and a min reduction: about twice as fast on CPU as XLA's variadic argmax reduction."""
-  v = x_BV.shape[-1]
-  top = jnp.max(x_BV, axis=-1, keepdims=True)
-  first = jnp.min(jnp.where(x_BV == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
-  return jnp.minimum(first, v - 1)  # a row of NaNs matches nothing
+  """Index of each row's maximum, the first one on ties (as torch.argmax and jnp.argmax)."""
+  return max_and_first_argmax(x_BV)[1]
 
 
 def top_k(x_BV: Array, k: int, block: int = BLOCK) -> tuple[Array, Array]:
@@ -190,21 +198,38 @@ def inverse_cdf(weights_BV: Array, u_B: Array) -> Array:
   return (j * BLOCK + k).astype(jnp.int32)
 
 
+def greedy_choice(logits_BV: Array) -> tuple[Array, Array]:
+  """(argmax token, its log-prob) per row; the max found for the argmax shifts the logsumexp."""
+  x = logits_BV.astype(jnp.float32)
+  top, tok = max_and_first_argmax(x)
+  return tok, -jnp.log(jnp.sum(jnp.exp(x - top[:, None]), axis=-1))
+
+
+def sample_choice(logits_BV: Array, u_B: Array, method: Sample) -> tuple[Array, Array]:
+  """(sampled token, its log-prob under the model's logits) per row, by inverse CDF of the
+  processed distribution with one uniform u in [0, 1) per row (cheaper than Gumbel noise over the
+  vocabulary). One max serves both exponentials: top-k and top-p always keep the most likely
+  token, so the processed logits' max is the logits' max / temperature."""
+  x = logits_BV.astype(jnp.float32)
+  m = jnp.max(x, axis=-1, keepdims=True)
+  weights = jnp.exp(processed_logits(x, method) - m / method.temperature)  # removed tokens: 0
+  tok = inverse_cdf(weights, u_B)
+  picked = jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0]
+  return tok, picked - m[:, 0] - jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
+
+
 def sample_tokens(logits_BV: Array, keys_B: Array, method: Sample) -> Array:
-  """One token per row from the processed distribution, by inverse CDF with one uniform per row
-  (cheaper than Gumbel noise over the vocabulary); `keys_B` are typed PRNG keys."""
-  x = processed_logits(logits_BV, method)
-  weights = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # removed tokens: exp(-inf) = 0
+  """One token per row from the processed distribution; `keys_B` are typed PRNG keys."""
   u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
-  return inverse_cdf(weights, u)
+  return sample_choice(logits_BV, u, method)[0]
 
 
-def choose(logits_BV: Array, keys_B: Array, step: Array, method: Greedy | Sample) -> Array:
-  """The next token of every row for `method` at generation step `step`."""
+def choose(logits_BV: Array, u_B: Array, method: Greedy | Sample) -> tuple[Array, Array]:
+  """(next token, its log-prob under the model) of every row for `method`; `u_B` are the rows'
+  uniforms for this step (unused by greedy)."""
   if isinstance(method, Greedy):
-    return first_argmax(logits_BV)
-  step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
-  return sample_tokens(logits_BV, step_keys, method)
+    return greedy_choice(logits_BV)
+  return sample_choice(logits_BV, u_B, method)
 
 
 # -- state -------------------------------------------------------------------------------------
@@ -222,7 +247,7 @@ class SamplingState:
   scores_R: Array  # [R] float32, sum of the model's log-probs of the chosen tokens
   positions_R: Array  # [R] int32, position of the last chosen token (the next input)
   kv_mask_RS: Array  # [R, S] int32, valid cache slots
-  keys_R: Array  # [R, 2] uint32, raw PRNG key data of each row
+  uniforms_RM: Array  # [R, M] float32, each row's uniform for each step ([R, 0] for greedy)
   cache: Cache
 
 
@@ -289,12 +314,20 @@ def _repeat_rows(x: Array, n: int, axis: int = 0) -> Array:
   return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
 
-def _row_keys(seed: Array, row_ids_B: Array, n: int) -> Array:
-  """Raw key data [B * n, 2]: key(seed) folded with the row id, then with the sample index."""
+def _row_uniforms(seed: Array, row_ids_B: Array, n: int, m: int) -> Array:
+  """[B * n, m] uniforms in [0, 1): key(seed) folded with the row id, then with the sample index,
+  then with the step. Drawn for every step before the loop (the threefry rounds are a loop of
+  their own on CPU, about 70 us per step inside the decode loop)."""
   base = jax.random.key(seed)
   rows = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids_B)
   keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, jnp.arange(n)))(rows)
-  return jax.random.key_data(keys.reshape(-1))
+  keys = keys.reshape(-1)
+
+  def one(key):
+    steps = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(m))
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(steps)
+
+  return jax.vmap(one)(keys)
 
 
 # -- greedy / sampling -------------------------------------------------------------------------
@@ -309,11 +342,11 @@ def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, sp
   cache = jax.tree.map(lambda c: _repeat_rows(c, n), cache)
   logits = _repeat_rows(logits, n)
   if isinstance(spec.method, Greedy):  # no randomness: skip the key derivation (compile time)
-    keys = jnp.zeros((b * n, 2), jnp.uint32)
+    uniforms = jnp.zeros((b * n, 0), jnp.float32)
   else:
-    keys = _row_keys(seed, row_ids_B, n)
+    uniforms = _row_uniforms(seed, row_ids_B, n, m)
   step = jnp.zeros((), jnp.int32)
-  tok = choose(logits, jax.random.wrap_key_data(keys), step, spec.method)
+  tok, logp = choose(logits, uniforms[:, 0] if uniforms.shape[1] else None, spec.method)
   done = _is_stop(tok, spec.stop_ids)
   r = b * n
   return SamplingState(
@@ -321,10 +354,10 @@ def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, sp
     tokens_RM=jnp.full((r, m), spec.pad_id, jnp.int32).at[:, 0].set(tok),
     done_R=done,
     lengths_R=jnp.ones((r,), jnp.int32),
-    scores_R=log_softmax_at(logits, tok),
+    scores_R=logp,
     positions_R=_repeat_rows(jnp.sum(mask_BP, axis=-1).astype(jnp.int32), n),
     kv_mask_RS=_repeat_rows(kv_mask, n),
-    keys_R=keys,
+    uniforms_RM=uniforms,
     cache=cache,
   )
 
@@ -348,7 +381,10 @@ def _sample_decode(graphdef, params, state: SamplingState, *, spec: _Spec) -> Sa
       last[:, None], s.positions_R[:, None], s.cache, slot, kv_mask, layers
     )
     logits = model.logits(h[:, 0])
-    tok = choose(logits, jax.random.wrap_key_data(s.keys_R), s.step, spec.method)
+    u = None
+    if s.uniforms_RM.shape[1]:
+      u = jax.lax.dynamic_index_in_dim(s.uniforms_RM, s.step, axis=1, keepdims=False)
+    tok, logp = choose(logits, u, spec.method)
     tok = jnp.where(s.done_R, spec.pad_id, tok)
     live = ~s.done_R
     return SamplingState(
@@ -356,10 +392,10 @@ def _sample_decode(graphdef, params, state: SamplingState, *, spec: _Spec) -> Sa
       tokens_RM=jax.lax.dynamic_update_slice(s.tokens_RM, tok[:, None], (0, s.step)),
       done_R=s.done_R | _is_stop(tok, spec.stop_ids),
       lengths_R=s.lengths_R + live.astype(jnp.int32),
-      scores_R=s.scores_R + jnp.where(live, log_softmax_at(logits, tok), 0.0),
+      scores_R=s.scores_R + jnp.where(live, logp, 0.0),
       positions_R=s.positions_R + 1,
       kv_mask_RS=kv_mask,
-      keys_R=s.keys_R,
+      uniforms_RM=s.uniforms_RM,
       cache=cache,
     )
 

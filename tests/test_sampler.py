@@ -299,6 +299,31 @@ def test_blocked_top_k_equals_lax_top_k(kind):
     np.testing.assert_array_equal(got_i, want_i)
 
 
+@pytest.mark.parametrize('kind', ['normal', 'ties', 'removed'])
+def test_blocked_argmax_and_greedy_log_prob(kind):
+  # max_and_first_argmax gives jnp.max and jnp.argmax (the first index on ties) for rows that are
+  # not a whole number of blocks, with exact ties and -inf entries; greedy_choice's log-prob is
+  # log_softmax at that token.
+  rng = np.random.default_rng(10 + ['normal', 'ties', 'removed'].index(kind))
+  fn = jax.jit(S.max_and_first_argmax, static_argnums=1)
+  for _ in range(20):
+    b, v, block = int(rng.integers(1, 6)), int(rng.integers(1, 1500)), int(rng.choice([4, 128]))
+    if kind == 'ties':
+      x = rng.integers(0, 3, (b, v)).astype(np.float32)
+    else:
+      x = rng.standard_normal((b, v)).astype(np.float32)
+    if kind == 'removed':
+      x[rng.random((b, v)) < 0.7] = -np.inf
+      x[:, 0] = 0.0  # at least one finite entry per row
+    top, idx = fn(x, block)
+    np.testing.assert_array_equal(top, x.max(axis=-1))
+    np.testing.assert_array_equal(idx, x.argmax(axis=-1))
+  tok, logp = jax.jit(S.greedy_choice)(x)
+  want = jax.nn.log_softmax(x, axis=-1)[np.arange(b), x.argmax(axis=-1)]
+  np.testing.assert_array_equal(tok, x.argmax(axis=-1))
+  np.testing.assert_allclose(logp, want, rtol=1e-6, atol=1e-6)
+
+
 def test_samples_share_prefill_and_follow_the_model(model):
   # n samples of one prompt (one prefill, copied cache rows): first-token frequencies follow the
   # model's softmax, the samples are independent of each other, and the seed decides them.
