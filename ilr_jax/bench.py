@@ -826,7 +826,9 @@ def _generate_case(ctx: BenchContext, method, prompts: int) -> Case:
   beam = isinstance(method, sampler_lib.BeamSearch)
 
   def jax_fn():
-    return sampler(tokens, mask, method, max_new_tokens=m, stop_ids=()).tokens
+    # Tokens only, as transformers' `generate` returns them (it computes no log-probs unless
+    # output_scores=True); beam search scores its beams either way.
+    return sampler(tokens, mask, method, max_new_tokens=m, stop_ids=(), scores=False).tokens
 
   torch_fn = None
   if ctx.peer == 'torch':

@@ -306,6 +306,7 @@ def sample_checkpoints(
       mesh=mesh,
       desc=f'checkpoint {i}',
       progress=progress,
+      scores=False,  # graded by their texts
     )
     grades = np.asarray(task.grade_batch(result.texts, list(examples)).scores, np.float64)
     samples.append(list(result.texts))

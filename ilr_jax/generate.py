@@ -43,7 +43,7 @@ class GenerationResult:
 
   ids: list  # new token ids before the first stop token
   texts: list | None  # decoded ids, special tokens dropped (None without a tokenizer)
-  scores: list  # sum of the model's log-probs of the new tokens, or the beam score
+  scores: list | None  # sum of the new tokens' log-probs, or the beam score (None if not asked)
   stopped: list  # ended by a stop token (not cut by max_new_tokens)
 
 
@@ -129,6 +129,7 @@ def generate(
   pad_id: int | None = None,
   desc: str = 'generate',
   progress: bool = True,
+  scores: bool = True,
 ) -> GenerationResult:
   """Generate for every prompt; results in input order.
 
@@ -145,6 +146,8 @@ def generate(
     stop_ids: tokens that end an answer; default the tokenizer's and the model's EOS.
     pad_id: id written on padding; default the tokenizer's pad id (else the model's, else 0).
     desc, progress: the progress bar's label, and whether to show it (process 0 only).
+    scores: sum each answer's log-probs (greedy and sampling; beam search always scores);
+      without them `GenerationResult.scores` is None and each step skips a logsumexp.
   """
   sampler = model if isinstance(model, Sampler) else Sampler(model, mesh=mesh)
   cfg = sampler.cfg
@@ -181,24 +184,30 @@ def generate(
       pad_id=pad_id,
       seed=seed,
       row_ids=row_ids,
+      scores=scores,
     )
     for r, i in enumerate(batch.indices):
-      seqs, scores, stopped = [], [], []
+      seqs, row_scores, stopped = [], [], []
       for j in range(res.tokens.shape[1]):
         length = int(res.lengths[r, j])
         stop = bool(res.stopped[r, j])
         seqs.append([int(t) for t in res.tokens[r, j, : length - 1 if stop else length]])
-        scores.append(float(res.scores[r, j]))
+        row_scores.append(None if res.scores is None else float(res.scores[r, j]))
         stopped.append(stop)
       out_ids[i] = seqs[0] if single else seqs
-      out_scores[i] = scores[0] if single else scores
+      out_scores[i] = row_scores[0] if single else row_scores
       out_stopped[i] = stopped[0] if single else stopped
     bar.update(len(batch.indices))
   bar.close()
   texts = None
   if tokenizer is not None:
     texts = [tokenizer.decode(x) if single else [tokenizer.decode(s) for s in x] for x in out_ids]
-  return GenerationResult(ids=out_ids, texts=texts, scores=out_scores, stopped=out_stopped)
+  return GenerationResult(
+    ids=out_ids,
+    texts=texts,
+    scores=out_scores if scores or isinstance(method, BeamSearch) else None,
+    stopped=out_stopped,
+  )
 
 
 def generate_answers(model, tokenizer, questions: Sequence[str], method: Method = GREEDY, **kw):

@@ -329,6 +329,7 @@ def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> li
     batch_size=run.config.sampling.batch_size,
     mesh=run.mesh,
     desc=f'{stage} ({use})',
+    scores=False,  # only the texts are used
   )
   texts = result.texts
   return [t if isinstance(t, list) else [t] for t in texts]

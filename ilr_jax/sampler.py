@@ -198,15 +198,19 @@ def inverse_cdf(weights_BV: Array, u_B: Array) -> Array:
   return (j * BLOCK + k).astype(jnp.int32)
 
 
-def greedy_choice(logits_BV: Array) -> tuple[Array, Array]:
-  """(argmax token, its log-prob) per row; the max found for the argmax shifts the logsumexp."""
+def greedy_choice(logits_BV: Array, with_logp: bool = True) -> tuple[Array, Array | None]:
+  """(argmax token, its log-prob or None) per row; the argmax's max shifts the logsumexp."""
   x = logits_BV.astype(jnp.float32)
   top, tok = max_and_first_argmax(x)
+  if not with_logp:
+    return tok, None
   return tok, -jnp.log(jnp.sum(jnp.exp(x - top[:, None]), axis=-1))
 
 
-def sample_choice(logits_BV: Array, u_B: Array, method: Sample) -> tuple[Array, Array]:
-  """(sampled token, its log-prob under the model's logits) per row, by inverse CDF of the
+def sample_choice(
+  logits_BV: Array, u_B: Array, method: Sample, with_logp: bool = True
+) -> tuple[Array, Array | None]:
+  """(sampled token, its log-prob under the model's logits or None) per row, by inverse CDF of the
   processed distribution with one uniform u in [0, 1) per row (cheaper than Gumbel noise over the
   vocabulary). One max serves both exponentials: top-k and top-p always keep the most likely
   token, so the processed logits' max is the logits' max / temperature."""
@@ -214,6 +218,8 @@ def sample_choice(logits_BV: Array, u_B: Array, method: Sample) -> tuple[Array, 
   m = jnp.max(x, axis=-1, keepdims=True)
   weights = jnp.exp(processed_logits(x, method) - m / method.temperature)  # removed tokens: 0
   tok = inverse_cdf(weights, u_B)
+  if not with_logp:
+    return tok, None
   picked = jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0]
   return tok, picked - m[:, 0] - jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
 
@@ -224,12 +230,14 @@ def sample_tokens(logits_BV: Array, keys_B: Array, method: Sample) -> Array:
   return sample_choice(logits_BV, u, method)[0]
 
 
-def choose(logits_BV: Array, u_B: Array, method: Greedy | Sample) -> tuple[Array, Array]:
-  """(next token, its log-prob under the model) of every row for `method`; `u_B` are the rows'
-  uniforms for this step (unused by greedy)."""
+def choose(
+  logits_BV: Array, u_B: Array | None, method: Greedy | Sample, with_logp: bool = True
+) -> tuple[Array, Array | None]:
+  """(next token, its log-prob under the model or None) of every row for `method`; `u_B` are the
+  rows' uniforms for this step (unused by greedy)."""
   if isinstance(method, Greedy):
-    return greedy_choice(logits_BV)
-  return sample_choice(logits_BV, u_B, method)
+    return greedy_choice(logits_BV, with_logp)
+  return sample_choice(logits_BV, u_B, method, with_logp)
 
 
 # -- state -------------------------------------------------------------------------------------
@@ -277,7 +285,7 @@ class SampleOutput:
 
   tokens: np.ndarray  # [B, N, M] int32, pad after the stop token
   lengths: np.ndarray  # [B, N] int32, new tokens including the stop token
-  scores: np.ndarray  # [B, N] float32: sum of log-probs, or the beam score
+  scores: np.ndarray | None  # [B, N] float32: sum of log-probs (None unless asked), or beam score
   stopped: np.ndarray  # [B, N] bool: ended by a stop token (not by max_new_tokens)
 
 
@@ -290,6 +298,7 @@ class _Spec:
   num_samples: int
   stop_ids: tuple[int, ...]
   pad_id: int
+  scores: bool = True  # greedy / sampling: sum the chosen tokens' log-probs
 
 
 def _is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
@@ -346,7 +355,8 @@ def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, sp
   else:
     uniforms = _row_uniforms(seed, row_ids_B, n, m)
   step = jnp.zeros((), jnp.int32)
-  tok, logp = choose(logits, uniforms[:, 0] if uniforms.shape[1] else None, spec.method)
+  u = uniforms[:, 0] if uniforms.shape[1] else None
+  tok, logp = choose(logits, u, spec.method, spec.scores)
   done = _is_stop(tok, spec.stop_ids)
   r = b * n
   return SamplingState(
@@ -354,7 +364,7 @@ def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, sp
     tokens_RM=jnp.full((r, m), spec.pad_id, jnp.int32).at[:, 0].set(tok),
     done_R=done,
     lengths_R=jnp.ones((r,), jnp.int32),
-    scores_R=logp,
+    scores_R=jnp.zeros((r,), jnp.float32) if logp is None else logp,
     positions_R=_repeat_rows(jnp.sum(mask_BP, axis=-1).astype(jnp.int32), n),
     kv_mask_RS=_repeat_rows(kv_mask, n),
     uniforms_RM=uniforms,
@@ -384,7 +394,7 @@ def _sample_decode(graphdef, params, state: SamplingState, *, spec: _Spec) -> Sa
     u = None
     if s.uniforms_RM.shape[1]:
       u = jax.lax.dynamic_index_in_dim(s.uniforms_RM, s.step, axis=1, keepdims=False)
-    tok, logp = choose(logits, u, spec.method)
+    tok, logp = choose(logits, u, spec.method, spec.scores)
     tok = jnp.where(s.done_R, spec.pad_id, tok)
     live = ~s.done_R
     return SamplingState(
@@ -392,7 +402,7 @@ def _sample_decode(graphdef, params, state: SamplingState, *, spec: _Spec) -> Sa
       tokens_RM=jax.lax.dynamic_update_slice(s.tokens_RM, tok[:, None], (0, s.step)),
       done_R=s.done_R | _is_stop(tok, spec.stop_ids),
       lengths_R=s.lengths_R + live.astype(jnp.int32),
-      scores_R=s.scores_R + jnp.where(live, logp, 0.0),
+      scores_R=s.scores_R if logp is None else s.scores_R + jnp.where(live, logp, 0.0),
       positions_R=s.positions_R + 1,
       kv_mask_RS=kv_mask,
       uniforms_RM=s.uniforms_RM,
@@ -667,6 +677,7 @@ class Sampler:
     pad_id: int = 0,
     seed: int = 0,
     row_ids: np.ndarray | None = None,
+    scores: bool = True,
   ) -> SampleOutput:
     """Decode a left-padded batch of prompts.
 
@@ -678,6 +689,9 @@ class Sampler:
       stop_ids: tokens that end a sequence (kept in the output); () generates exactly M tokens.
       pad_id: written after a sequence's stop token.
       seed, row_ids: row b's randomness is key(seed) folded with row_ids[b] (default b).
+      scores: greedy and sampling sum the chosen tokens' log-probs (one more logsumexp over the
+        vocabulary per step; transformers' `generate` computes none unless asked); without them
+        `SampleOutput.scores` is None. Beam search always returns its beam scores.
     Returns:
       SampleOutput with arrays [B, N, ...] on the host.
     """
@@ -700,7 +714,10 @@ class Sampler:
       raise ValueError(f'num_samples must be >= 1, got {num_samples}')
     if row_ids is None:
       row_ids = np.arange(b, dtype=np.int32)
-    spec = _Spec(method, int(max_new_tokens), int(num_samples), tuple(stop_ids), int(pad_id))
+    scores = bool(scores) or isinstance(method, BeamSearch)
+    spec = _Spec(
+      method, int(max_new_tokens), int(num_samples), tuple(stop_ids), int(pad_id), scores
+    )
     prefill, decode = self._functions(spec, b, p)
     rows = shd.batch_sharding(self.mesh, 1)
     tok_sh = shd.batch_sharding(self.mesh, 2)
@@ -732,7 +749,7 @@ def _outputs(state, spec: _Spec, b: int) -> SampleOutput:
     n = spec.num_samples
     tokens = _host(state.tokens_RM).reshape(b, n, -1)
     lengths = _host(state.lengths_R).reshape(b, n)
-    scores = _host(state.scores_R).reshape(b, n)
+    scores = _host(state.scores_R).reshape(b, n) if spec.scores else None
   last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
   stopped = np.isin(last, np.asarray(spec.stop_ids, np.int32)) & (lengths > 0)
   return SampleOutput(tokens=tokens, lengths=lengths, scores=scores, stopped=stopped)

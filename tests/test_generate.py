@@ -138,6 +138,12 @@ def test_answers_are_cut_at_the_first_stop_token(model, tok):
   beam = G.generate(model, tok, prompts, S.BeamSearch(2), **kw)
   assert all(isinstance(t, str) for t in beam.texts)
   assert all(isinstance(s, float) for s in beam.scores)
+  # Without scores (two batches of 2): the same answers, no scores; beam search keeps its own.
+  kw['batch_size'] = 2
+  quiet = G.generate(model, tok, prompts, S.Greedy(), stop_ids=(stop,), scores=False, **kw)
+  assert quiet.scores is None and quiet.ids == res.ids and quiet.stopped == res.stopped
+  beam2 = G.generate(model, tok, prompts, S.BeamSearch(2), scores=False, **kw)
+  np.testing.assert_allclose(beam2.scores, beam.scores, rtol=1e-5)
 
 
 def test_generate_answers_applies_the_prompt_template(model, tok, monkeypatch):

@@ -446,6 +446,19 @@ def test_stop_tokens_and_padding(model, batch):
   assert cut >= 2  # the extra stop tokens did end some sequences early
 
 
+@pytest.mark.parametrize('method', [S.Greedy(), S.Sample(temperature=2.0, top_k=20)])
+def test_decoding_without_scores_gives_the_same_tokens(model, batch, method):
+  # scores=False skips the log-probs only: same tokens, lengths and stops, and no scores.
+  _, toks, mask = batch
+  sampler = S.Sampler(model)
+  with_scores = _run(sampler, toks, mask, method, 2, seed=5)
+  without = _run(sampler, toks, mask, method, 2, seed=5, scores=False)
+  assert without.scores is None and with_scores.scores is not None
+  np.testing.assert_array_equal(without.tokens, with_scores.tokens)
+  np.testing.assert_array_equal(without.lengths, with_scores.lengths)
+  np.testing.assert_array_equal(without.stopped, with_scores.stopped)
+
+
 def test_method_validation():
   with pytest.raises(ValueError, match='temperature'):
     S.Sample(temperature=0.0)
