@@ -307,7 +307,17 @@ def _is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
   return jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32))
 
 
-def _prefill_logits(model: Decoder, tokens_BP: Array, mask_BP: Array, cache_len: int):
+def _lm_logits(model: Decoder, h: Array, head_DV: Array | None) -> Array:
+  """LM logits (float32) of hidden states [..., D]; with `head_DV`, a tied embedding kept
+  transposed (Sampler), from it."""
+  if head_DV is None:
+    return model.logits(h)
+  return jnp.dot(h, head_DV.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def _prefill_logits(
+  model: Decoder, head_DV: Array | None, tokens_BP: Array, mask_BP: Array, cache_len: int
+):
   """Run the prompts into a fresh cache; returns (last-position logits [B, V], cache, kv_mask)."""
   b, p = tokens_BP.shape
   cache = init_cache(model.cfg, b, cache_len, kv_first=True)
@@ -316,7 +326,7 @@ def _prefill_logits(model: Decoder, tokens_BP: Array, mask_BP: Array, cache_len:
   # Only the last slot's logits are needed (every prompt ends there): the final layer's attention
   # output and MLP, and the LM head, run for that slot only.
   h, cache = model.decode_hidden(tokens_BP, positions, cache, 0, kv_mask, last_only=True)
-  return model.logits(h[:, -1]), cache, kv_mask
+  return _lm_logits(model, h[:, -1], head_DV), cache, kv_mask
 
 
 def _repeat_rows(x: Array, n: int, axis: int = 0) -> Array:
@@ -342,11 +352,12 @@ def _row_uniforms(seed: Array, row_ids_B: Array, n: int, m: int) -> Array:
 # -- greedy / sampling -------------------------------------------------------------------------
 
 
-def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, spec: _Spec):
+def _sample_prefill(graphdef, weights, tokens_BP, mask_BP, row_ids_B, seed, *, spec: _Spec):
+  params, head = weights
   model = nnx.merge(graphdef, params)
   b, p = tokens_BP.shape
   n, m = spec.num_samples, spec.max_new_tokens
-  logits, cache, kv_mask = _prefill_logits(model, tokens_BP, mask_BP, p + m - 1)
+  logits, cache, kv_mask = _prefill_logits(model, head, tokens_BP, mask_BP, p + m - 1)
   # n samples per prompt share the prompt's prefill: copy its cache rows, do not recompute.
   cache = jax.tree.map(lambda c: _repeat_rows(c, n), cache)
   logits = _repeat_rows(logits, n)
@@ -372,7 +383,8 @@ def _sample_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, sp
   )
 
 
-def _sample_decode(graphdef, params, state: SamplingState, *, spec: _Spec) -> SamplingState:
+def _sample_decode(graphdef, weights, state: SamplingState, *, spec: _Spec) -> SamplingState:
+  params, head = weights
   model = nnx.merge(graphdef, params)
   layers = model.layer_states()  # sliced once, not on every step
   m = spec.max_new_tokens
@@ -390,7 +402,7 @@ def _sample_decode(graphdef, params, state: SamplingState, *, spec: _Spec) -> Sa
     h, cache = model.decode_hidden(
       last[:, None], s.positions_R[:, None], s.cache, slot, kv_mask, layers
     )
-    logits = model.logits(h[:, 0])
+    logits = _lm_logits(model, h[:, 0], head)
     u = None
     if s.uniforms_RM.shape[1]:
       u = jax.lax.dynamic_index_in_dim(s.uniforms_RM, s.step, axis=1, keepdims=False)
@@ -502,13 +514,14 @@ def _reorder_cache(cache: Cache, parent_BN: Array, first_slot: int) -> Cache:
   }
 
 
-def _beam_prefill(graphdef, params, tokens_BP, mask_BP, row_ids_B, seed, *, spec: _Spec):
+def _beam_prefill(graphdef, weights, tokens_BP, mask_BP, row_ids_B, seed, *, spec: _Spec):
   del row_ids_B, seed  # beam search is deterministic
   method = spec.method
+  params, head = weights
   model = nnx.merge(graphdef, params)
   b, p = tokens_BP.shape
   nb, m = method.num_beams, spec.max_new_tokens
-  logits, cache, kv_mask = _prefill_logits(model, tokens_BP, mask_BP, p + m - 1)
+  logits, cache, kv_mask = _prefill_logits(model, head, tokens_BP, mask_BP, p + m - 1)
   logprobs = jax.nn.log_softmax(_repeat_rows(logits, nb), axis=-1)
   # transformers starts beams 1.. at NEG so that the first step expands beam 0 only.
   running_scores = jnp.zeros((b, nb), jnp.float32).at[:, 1:].set(NEG)
@@ -538,8 +551,9 @@ def _beam_running(s: BeamState, method: BeamSearch, m: int) -> Array:
   return going
 
 
-def _beam_decode(graphdef, params, state: BeamState, *, spec: _Spec) -> BeamState:
+def _beam_decode(graphdef, weights, state: BeamState, *, spec: _Spec) -> BeamState:
   method = spec.method
+  params, head = weights
   model = nnx.merge(graphdef, params)
   layers = model.layer_states()  # sliced once, not on every step
   m = spec.max_new_tokens
@@ -558,7 +572,7 @@ def _beam_decode(graphdef, params, state: BeamState, *, spec: _Spec) -> BeamStat
     h, cache = model.decode_hidden(
       last.reshape(-1, 1), s.positions_R[:, None], s.cache, slot, kv_mask, layers
     )
-    logprobs = jax.nn.log_softmax(model.logits(h[:, 0]), axis=-1)
+    logprobs = jax.nn.log_softmax(_lm_logits(model, h[:, 0], head), axis=-1)
     s = dataclasses.replace(s, positions_R=s.positions_R + 1, kv_mask_RS=kv_mask)
     s, parent = _beam_step(s, logprobs, method, spec)
     return dataclasses.replace(s, cache=cache, parent_BN=parent)
@@ -606,6 +620,11 @@ class Sampler:
   seven projections adds 14 small matmuls per layer and step (11% of greedy bench-small time).
   The model passed in is not changed.
 
+  On CPU a tied embedding [V, D] is also kept transposed, [D, V], for the LM head: XLA:CPU's
+  matmul with the [V, D] operand as it is runs about 15% slower (bench-small gemma, greedy: 7-10%
+  of the whole generation). It costs a second copy of the embedding, so accelerators (whose
+  matmuls take either layout) do not get it.
+
   Args:
     model: a Decoder with an LM head, with or without a LoRA adapter.
     mesh: the device mesh; default the mesh the parameters live on, else the first device.
@@ -625,6 +644,17 @@ class Sampler:
     self.graphdef, params = nnx.split(model)
     self.param_shardings = shd.state_shardings(params, mesh, self.rules)
     self.params = jax.device_put(params, self.param_shardings)
+    self.head, self.head_sharding = None, None
+    if self.cfg.tie_embeddings and mesh.devices.flat[0].platform == 'cpu':
+      shape = (self.cfg.hidden_size, self.cfg.vocab_size)
+      self.head_sharding = shd.array_sharding(('embed', 'vocab'), shape, mesh, self.rules)
+      transpose = jax.jit(lambda e: e.T, out_shardings=self.head_sharding)
+      self.head = transpose(self.params['embedding'][...])
+
+  @property
+  def weights(self) -> tuple[Any, Array | None]:
+    """What the compiled prefill and decode take: (parameters, transposed tied head or None)."""
+    return self.params, self.head
 
   @property
   def row_multiple(self) -> int:
@@ -632,7 +662,7 @@ class Sampler:
     return shd.batch_size_multiple(self.mesh)
 
   def _functions(self, spec: _Spec, b: int, p: int):
-    key = (self.graphdef, self.mesh, self.rules, spec, b, p)
+    key = (self.graphdef, self.mesh, self.rules, self.head is not None, spec, b, p)
     if key not in _JITS:
       beam = isinstance(spec.method, BeamSearch)
       prefill = functools.partial(
@@ -643,22 +673,23 @@ class Sampler:
       tokens = shd.batch_sharding(self.mesh, 2)
       abstract = jax.eval_shape(
         prefill,
-        self.params,
+        self.weights,
         jax.ShapeDtypeStruct((b, p), jnp.int32),
         jax.ShapeDtypeStruct((b, p), jnp.int32),
         jax.ShapeDtypeStruct((b,), jnp.int32),
         jax.ShapeDtypeStruct((), jnp.uint32),
       )
       state = _state_shardings(self.mesh, abstract, self.cfg.num_kv_heads)
+      weights = (self.param_shardings, self.head_sharding)
       _JITS[key] = (
         jax.jit(
           _counted('prefill', prefill),
-          in_shardings=(self.param_shardings, tokens, tokens, rows, shd.replicated(self.mesh)),
+          in_shardings=(weights, tokens, tokens, rows, shd.replicated(self.mesh)),
           out_shardings=state,
         ),
         jax.jit(
           _counted('decode', decode),
-          in_shardings=(self.param_shardings, state),
+          in_shardings=(weights, state),
           out_shardings=state,
           donate_argnums=1,
         ),
@@ -722,13 +753,13 @@ class Sampler:
     rows = shd.batch_sharding(self.mesh, 1)
     tok_sh = shd.batch_sharding(self.mesh, 2)
     state = prefill(
-      self.params,
+      self.weights,
       shd.put(tokens_BP, tok_sh),
       shd.put(mask_BP, tok_sh),
       shd.put(np.asarray(row_ids, np.int32), rows),
       shd.put(np.asarray(int(seed) % (1 << 32), np.uint32), shd.replicated(self.mesh)),
     )
-    state = decode(self.params, state)
+    state = decode(self.weights, state)
     return _outputs(state, spec, b)
 
 

@@ -125,6 +125,13 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*out)
 
 
+def array_sharding(
+  names: Sequence[str | None], shape: tuple[int, ...], mesh: Mesh, rules=TRAIN_RULES
+) -> NamedSharding:
+  """The sharding of one array with logical axes `names` (state_shardings' rule for a Param)."""
+  return NamedSharding(mesh, _fit(logical_to_spec(names, rules), tuple(shape), mesh))
+
+
 def state_shardings(state: Any, mesh: Mesh, rules=TRAIN_RULES) -> Any:
   """NamedShardings for an NNX state (abstract or concrete), from each variable's logical names.
 

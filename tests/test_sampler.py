@@ -459,6 +459,22 @@ def test_decoding_without_scores_gives_the_same_tokens(model, batch, method):
   np.testing.assert_array_equal(without.stopped, with_scores.stopped)
 
 
+def test_tied_head_kept_transposed_on_cpu_decodes_the_same(batch):
+  # A tied embedding gets a transposed [D, V] copy for the LM head on CPU; decoding with it gives
+  # the tokens and scores of the model's own head.
+  _, toks, mask = batch
+  tied = _model(seed=3, arch='gemma', tie_embeddings=True, num_kv_heads=1)
+  sampler = S.Sampler(tied)
+  assert sampler.head is not None and sampler.head.shape == (32, V)
+  plain = S.Sampler(tied)
+  plain.head = plain.head_sharding = None  # the model's [V, D] head
+  for method, n in [(S.Greedy(), 1), *METHODS]:
+    a = _run(sampler, toks, mask, method, n, seed=2)
+    b = _run(plain, toks, mask, method, n, seed=2)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
 def test_method_validation():
   with pytest.raises(ValueError, match='temperature'):
     S.Sample(temperature=0.0)
@@ -497,14 +513,16 @@ def test_decode_loop_updates_the_cache_in_place(model, batch, method, n):
   sampler = S.Sampler(model)
   spec = S._Spec(method, M, n, (EOS,), PAD)
   prefill, decode = sampler._functions(spec, B, P)
-  state = prefill(sampler.params, toks, mask, np.arange(B, dtype=np.int32), np.uint32(0))
-  hlo = decode.lower(sampler.params, state).compile().as_text()
+  state = prefill(sampler.weights, toks, mask, np.arange(B, dtype=np.int32), np.uint32(0))
+  hlo = decode.lower(sampler.weights, state).compile().as_text()
   rows = B * (method.num_beams if isinstance(method, S.BeamSearch) else n)
-  cache = f'f32[{rows},2,{P + M - 1},8]'  # one layer's [R, K, S, H] buffer
   lines = hlo.splitlines()
-  assert any(cache in x and 'dynamic-update-slice' in x for x in lines)
-  copies = [x for x in lines if f'{cache}{{' in x and ' copy(' in x]
-  made = [x for x in lines if f'= {cache}{{' in x and 'fusion(' in x]
+  copies, made = [], []
+  # One layer's keys [R, K, H, S] and values [R, K, S, H].
+  for cache in (f'f32[{rows},2,8,{P + M - 1}]', f'f32[{rows},2,{P + M - 1},8]'):
+    assert any(cache in x and 'dynamic-update-slice' in x for x in lines)
+    copies += [x for x in lines if f'{cache}{{' in x and ' copy(' in x]
+    made += [x for x in lines if f'= {cache}{{' in x and 'fusion(' in x]
   # Nothing copies the cache (the scan-over-layers `decode` path copied it every step; beam
   # search reordering whole rows after the step's write copied each gathered buffer back into the
   # loop carry), and nothing but in-place updates writes a cache-sized buffer (a slice of a
