@@ -346,7 +346,13 @@ class Block(nnx.Module):
       kv = (k_c, v_c)
       if last_only:
         q, x_BTD, mask_BTS = q[:, -1:], x_BTD[:, -1:], mask_BTS[:, -1:]
-      attn = attend_kv_first(q, k_c.astype(q.dtype), v_c.astype(q.dtype), mask_BTS)
+      if isinstance(cache_index, int) and cache_index == 0 and k.shape[1] > 1:
+        # A prefill into an empty cache: only the T new slots can be valid, so attend over the
+        # new keys and values themselves (half of a cache with M more slots, and no transposes).
+        t = k.shape[1]
+        attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS[:, :, :t])
+      else:
+        attn = attend_kv_first(q, k_c.astype(q.dtype), v_c.astype(q.dtype), mask_BTS)
     else:
       if kv is not None:
         k_cache, v_cache = kv
