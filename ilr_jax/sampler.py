@@ -153,11 +153,6 @@ def max_and_first_argmax(x_BV: Array, block: int = BLOCK) -> tuple[Array, Array]
   return top, jnp.minimum(blk * block + pos, v - 1)
 
 
-def first_argmax(x_BV: Array) -> Array:
-  """Index of each row's maximum, the first one on ties (as torch.argmax and jnp.argmax)."""
-  return max_and_first_argmax(x_BV)[1]
-
-
 def top_k(x_BV: Array, k: int, block: int = BLOCK) -> tuple[Array, Array]:
   """`jax.lax.top_k` over the last axis, with the same values, indices and tie order (the lower
   index first), from block maxima: the k largest entries lie in the k blocks with the largest
