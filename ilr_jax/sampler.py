@@ -428,14 +428,49 @@ def _gather(x_BK: Array, idx_BJ: Array) -> Array:
   return jnp.take_along_axis(x_BK, idx, axis=1)
 
 
-def _beam_step(s: BeamState, logprobs_RV: Array, method: BeamSearch, spec: _Spec):
+def beam_candidates(
+  logits_BNV: Array, running_BN: Array, k: int, block: int = BLOCK
+) -> tuple[Array, Array]:
+  """The top k of each prompt's candidates log_softmax(logits) + running score over its N beams'
+  [N * V] tokens: `top_k` of them, with the same values, indices and tie order, without writing
+  the [B, N * V] candidates. A candidate is f(x) = ((x - max) - logsumexp) + running, the
+  operations of jax.nn.log_softmax and the add, in that order: f is non-decreasing (each rounding
+  is), so a block's largest candidate is f of its largest logit; f is applied to the block maxima
+  to choose the k blocks, and to those blocks' entries only."""
+  b, nb, v = logits_BNV.shape
+  x = logits_BNV.astype(jnp.float32)
+  nblk = -(-v // block)
+  xb = jnp.pad(x, ((0, 0), (0, 0), (0, nblk * block - v)), constant_values=-jnp.inf)
+  xb = xb.reshape(b, nb, nblk, block)
+  block_max = jnp.max(xb, axis=-1)  # [B, N, nblk]
+  mx = jnp.max(block_max, axis=-1, keepdims=True)  # [B, N, 1]
+  lse = jnp.log(jnp.sum(jnp.exp(x - mx), axis=-1, keepdims=True))
+  run = running_BN[:, :, None]
+
+  def f(y, mx, lse, run):
+    return ((y - mx) - lse) + run
+
+  if nb * nblk <= k:  # too few blocks to skip any
+    return jax.lax.top_k(f(x, mx, lse, run).reshape(b, nb * v), k)
+  blocks = jax.lax.top_k(f(block_max, mx, lse, run).reshape(b, nb * nblk), k)[1]
+  blocks = jnp.sort(blocks, axis=-1)  # candidates in index order keep lax.top_k's tie order
+  beam, blk = blocks // nblk, blocks % nblk
+  cand = xb[jnp.arange(b)[:, None], beam, blk]  # [B, k, block]
+  pick = lambda a: jnp.take_along_axis(a[..., 0], beam, axis=1)[..., None]  # noqa: E731
+  cand = f(cand, pick(mx), pick(lse), pick(run)).reshape(b, k * block)
+  values, pos = jax.lax.top_k(cand, k)
+  token = jnp.take_along_axis(blk, pos // block, axis=1) * block + pos % block
+  idx = jnp.take_along_axis(beam, pos // block, axis=1) * v + token
+  return values, idx.astype(jnp.int32)
+
+
+def _beam_step(s: BeamState, logits_RV: Array, method: BeamSearch, spec: _Spec):
   """One step of transformers' beam search; returns (new state without cache, parent beams)."""
   b, nb, m = s.running_BNM.shape
-  v = logprobs_RV.shape[-1]
+  v = logits_RV.shape[-1]
   k2 = max(2, 1 + len(spec.stop_ids)) * nb
   lp = method.length_penalty
-  cand = (logprobs_RV.reshape(b, nb, v) + s.running_scores_BN[:, :, None]).reshape(b, nb * v)
-  top_scores, top_idx = top_k(cand, k2)
+  top_scores, top_idx = beam_candidates(logits_RV.reshape(b, nb, v), s.running_scores_BN, k2)
   parent = top_idx // v
   tok = (top_idx % v).astype(jnp.int32)
   seqs = _gather(s.running_BNM, parent)
@@ -517,7 +552,7 @@ def _beam_prefill(graphdef, weights, tokens_BP, mask_BP, row_ids_B, seed, *, spe
   b, p = tokens_BP.shape
   nb, m = method.num_beams, spec.max_new_tokens
   logits, cache, kv_mask = _prefill_logits(model, head, tokens_BP, mask_BP, p + m - 1)
-  logprobs = jax.nn.log_softmax(_repeat_rows(logits, nb), axis=-1)
+  logits = _repeat_rows(logits, nb)
   # transformers starts beams 1.. at NEG so that the first step expands beam 0 only.
   running_scores = jnp.zeros((b, nb), jnp.float32).at[:, 1:].set(NEG)
   state = BeamState(
@@ -535,7 +570,7 @@ def _beam_prefill(graphdef, weights, tokens_BP, mask_BP, row_ids_B, seed, *, spe
     kv_mask_RS=_repeat_rows(kv_mask, nb),
     cache=jax.tree.map(lambda c: _repeat_rows(c, nb), cache),
   )
-  state, parent = _beam_step(state, logprobs, method, spec)
+  state, parent = _beam_step(state, logits, method, spec)
   return dataclasses.replace(state, parent_BN=parent)
 
 
@@ -567,9 +602,9 @@ def _beam_decode(graphdef, weights, state: BeamState, *, spec: _Spec) -> BeamSta
     h, cache = model.decode_hidden(
       last.reshape(-1, 1), s.positions_R[:, None], s.cache, slot, kv_mask, layers
     )
-    logprobs = jax.nn.log_softmax(_lm_logits(model, h[:, 0], head), axis=-1)
+    logits = _lm_logits(model, h[:, 0], head)
     s = dataclasses.replace(s, positions_R=s.positions_R + 1, kv_mask_RS=kv_mask)
-    s, parent = _beam_step(s, logprobs, method, spec)
+    s, parent = _beam_step(s, logits, method, spec)
     return dataclasses.replace(s, cache=cache, parent_BN=parent)
 
   return jax.lax.while_loop(lambda s: _beam_running(s, method, m), body, state)
