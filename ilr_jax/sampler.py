@@ -132,7 +132,7 @@ def processed_logits(logits_BV: Array, method: Sample) -> Array:
   return logits
 
 
-BLOCK = 128  # tokens per block of the two-level inverse CDF and of the blocked top-k
+BLOCK = 128  # tokens per block: inverse CDF, greedy argmax and beam candidates
 
 
 def max_and_first_argmax(x_BV: Array, block: int = BLOCK) -> tuple[Array, Array]:
@@ -151,25 +151,6 @@ def max_and_first_argmax(x_BV: Array, block: int = BLOCK) -> tuple[Array, Array]
   inner = jnp.take_along_axis(xb, blk[:, None, None], axis=1)[:, 0]
   pos = jnp.min(jnp.where(inner == top[:, None], jnp.arange(block, dtype=jnp.int32), block), -1)
   return top, jnp.minimum(blk * block + pos, v - 1)
-
-
-def top_k(x_BV: Array, k: int, block: int = BLOCK) -> tuple[Array, Array]:
-  """`jax.lax.top_k` over the last axis, with the same values, indices and tie order (the lower
-  index first), from block maxima: the k largest entries lie in the k blocks with the largest
-  maxima, so one pass over x finds those blocks and TopK runs on their k * block entries only.
-  (XLA's CPU TopK over a beam search's [B, num_beams * V] candidates costs about 1 ms per step on
-  bench-small; this about a fifth of that.)"""
-  b, v = x_BV.shape
-  nb = -(-v // block)
-  if nb <= k:
-    return jax.lax.top_k(x_BV, k)
-  xb = jnp.pad(x_BV, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf).reshape(b, nb, block)
-  blocks = jax.lax.top_k(jnp.max(xb, axis=-1), k)[1]
-  blocks = jnp.sort(blocks, axis=-1)  # candidates in index order keep lax.top_k's tie order
-  cand = jnp.take_along_axis(xb, blocks[:, :, None], axis=1).reshape(b, k * block)
-  values, pos = jax.lax.top_k(cand, k)
-  idx = jnp.take_along_axis(blocks, pos // block, axis=1) * block + pos % block
-  return values, idx.astype(jnp.int32)
 
 
 def inverse_cdf(weights_BV: Array, u_B: Array) -> Array:

@@ -278,28 +278,6 @@ def test_top_k_filter_compiles_to_xla_top_k_not_a_sort():
 
 
 @pytest.mark.parametrize('kind', ['normal', 'ties', 'removed'])
-def test_blocked_top_k_equals_lax_top_k(kind):
-  # Same values, indices and tie order as lax.top_k, with rows that are not a whole number of
-  # blocks, many exact ties (small integers) and -inf entries (removed tokens, as in beam search).
-  rng = np.random.default_rng(['normal', 'ties', 'removed'].index(kind))
-  top_k = jax.jit(S.top_k, static_argnums=(1, 2))
-  for _ in range(20):
-    b, v, k = int(rng.integers(1, 5)), int(rng.integers(40, 2000)), int(rng.integers(1, 12))
-    block = int(rng.choice([4, 16, 128]))
-    if kind == 'ties':
-      x = rng.integers(0, 4, (b, v)).astype(np.float32)
-    else:
-      x = rng.standard_normal((b, v)).astype(np.float32)
-    if kind == 'removed':
-      x[rng.random((b, v)) < 0.5] = -np.inf
-      x[:, : v // 2] = -np.inf
-    want_v, want_i = jax.lax.top_k(x, k)
-    got_v, got_i = top_k(x, k, block)
-    np.testing.assert_array_equal(got_v, want_v)
-    np.testing.assert_array_equal(got_i, want_i)
-
-
-@pytest.mark.parametrize('kind', ['normal', 'ties', 'removed'])
 def test_beam_candidates_equal_top_k_of_log_softmax(kind):
   # beam_candidates gives lax.top_k of log_softmax(logits) + running score over a prompt's beams:
   # the same values (bit for bit), indices and tie order, for vocabularies that are not a whole
