@@ -162,6 +162,7 @@ def generate(
   out_ids: list = [None] * len(ids)
   out_scores: list = [None] * len(ids)
   out_stopped: list = [None] * len(ids)
+  scored = scores  # the sampler's answer: beam search scores its beams either way
   from tqdm import tqdm
 
   bar = tqdm(
@@ -186,13 +187,14 @@ def generate(
       row_ids=row_ids,
       scores=scores,
     )
+    scored = res.scores is not None
     for r, i in enumerate(batch.indices):
       seqs, row_scores, stopped = [], [], []
       for j in range(res.tokens.shape[1]):
         length = int(res.lengths[r, j])
         stop = bool(res.stopped[r, j])
         seqs.append([int(t) for t in res.tokens[r, j, : length - 1 if stop else length]])
-        row_scores.append(None if res.scores is None else float(res.scores[r, j]))
+        row_scores.append(float(res.scores[r, j]) if scored else None)
         stopped.append(stop)
       out_ids[i] = seqs[0] if single else seqs
       out_scores[i] = row_scores[0] if single else row_scores
@@ -205,7 +207,7 @@ def generate(
   return GenerationResult(
     ids=out_ids,
     texts=texts,
-    scores=out_scores if scores or isinstance(method, BeamSearch) else None,
+    scores=out_scores if scored else None,
     stopped=out_stopped,
   )
 

@@ -321,6 +321,7 @@ class Block(nnx.Module):
     cache_index=None,
     kv_first=False,
     last_only=False,
+    empty_cache=False,
   ):
     """One layer. With `kv` (this layer's cache) the new keys/values are written into it at
     `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
@@ -332,6 +333,10 @@ class Block(nnx.Module):
 
     With `last_only` (kv-first only) every position's keys and values are written but the rest of
     the layer runs for the last position only, which is all a prefill's final layer needs.
+
+    With `empty_cache` (kv-first only; the cache holds nothing before `cache_index` = 0) attention
+    runs over the T new keys and values themselves rather than the whole cache: only they can be
+    valid, so that is half of a prefill's attention when M new tokens follow a prompt of T.
     """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
@@ -346,9 +351,7 @@ class Block(nnx.Module):
       kv = (k_c, v_c)
       if last_only:
         q, x_BTD, mask_BTS = q[:, -1:], x_BTD[:, -1:], mask_BTS[:, -1:]
-      if isinstance(cache_index, int) and cache_index == 0 and k.shape[1] > 1:
-        # A prefill into an empty cache: only the T new slots can be valid, so attend over the
-        # new keys and values themselves (half of a cache with M more slots, and no transposes).
+      if empty_cache:
         t = k.shape[1]
         attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS[:, :, :t])
       else:
@@ -490,10 +493,18 @@ class Decoder(nnx.Module):
     h, _ = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS)
     return h
 
-  def logits(self, h: Array) -> Array:
-    """LM logits (float32) for hidden states of any leading shape [..., D] -> [..., V]."""
+  def logits(self, h: Array, tied_head_DV: Array | None = None) -> Array:
+    """LM logits (float32) for hidden states of any leading shape [..., D] -> [..., V].
+
+    `tied_head_DV`: a tied embedding already transposed to [D, V], used in place of the [V, D]
+    embedding (the Sampler keeps one on CPU, where the matmul is faster in that layout)."""
     if self.cfg.num_labels:
       raise ValueError('this model has a score head, not an LM head; use score()')
+    if tied_head_DV is not None:
+      if self.lm_head is not None:
+        raise ValueError('tied_head_DV is for tied embeddings; this model has its own LM head')
+      kernel = tied_head_DV.astype(h.dtype)
+      return jnp.einsum('...D,DV->...V', h, kernel, preferred_element_type=jnp.float32)
     if self.lm_head is None:
       kernel = self.embedding[...].astype(h.dtype)
       return jnp.einsum('...D,VD->...V', h, kernel, preferred_element_type=jnp.float32)
@@ -558,7 +569,7 @@ class Decoder(nnx.Module):
     cache_index: Array,
     kv_mask_BS: Array,
     layer_states: list[Any] | None = None,
-    last_only: bool = False,
+    prefill: bool = False,
   ) -> tuple[Array, Cache]:
     """`decode` without the LM head: (final-norm hidden states [B, T, D], new cache).
 
@@ -567,10 +578,12 @@ class Decoder(nnx.Module):
     writes its new slots into its own buffers in place and attends over them as they are, so a
     decode loop over donated state never copies, slices or transposes the cache (the sampler's
     path). The layers run unrolled. The caller applies `logits` to the positions it needs. With
-    `layer_states` (from `layer_states()`) the layers use those pre-sliced weights. With
-    `last_only` the hidden states are [B, 1, D], the last position's: the final layer then runs its
-    attention output and MLP for that position only (a prefill's cache is complete without them;
-    the first new token needs only the last logits).
+    `layer_states` (from `layer_states()`) the layers use those pre-sliced weights.
+
+    With `prefill` (the cache is empty and `cache_index` is 0, as for a sampler's prompts) the
+    layers attend over the T new keys and values only, and the hidden states are [B, 1, D], the
+    last position's: the final layer runs its attention output and MLP for that position only (the
+    cache is complete without them; the first new token needs only the last logits).
     """
     cfg = self.cfg
     t = tokens_BT.shape[1]
@@ -587,7 +600,7 @@ class Decoder(nnx.Module):
     x, ks, vs = self._embed(tokens_BT), list(cache['k']), list(cache['v'])
     for i, layer_state in enumerate(layer_states):
       block = nnx.merge(graphdef, layer_state)
-      last = last_only and i == len(layer_states) - 1
+      last = prefill and i == len(layer_states) - 1
       x, (ks[i], vs[i]) = block(
         x,
         positions_BT,
@@ -597,6 +610,7 @@ class Decoder(nnx.Module):
         cache_index,
         kv_first=True,
         last_only=last,
+        empty_cache=prefill,
       )
     return self.final_norm(x), {'k': tuple(ks), 'v': tuple(vs)}
 

@@ -283,14 +283,6 @@ def _is_stop(tokens: Array, stop_ids: tuple[int, ...]) -> Array:
   return jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32))
 
 
-def _lm_logits(model: Decoder, h: Array, head_DV: Array | None) -> Array:
-  """LM logits (float32) of hidden states [..., D]; with `head_DV`, a tied embedding kept
-  transposed (Sampler), from it."""
-  if head_DV is None:
-    return model.logits(h)
-  return jnp.dot(h, head_DV.astype(h.dtype), preferred_element_type=jnp.float32)
-
-
 def _prefill_logits(
   model: Decoder, head_DV: Array | None, tokens_BP: Array, mask_BP: Array, cache_len: int
 ):
@@ -301,8 +293,8 @@ def _prefill_logits(
   positions = positions_from_mask(mask_BP)
   # Only the last slot's logits are needed (every prompt ends there): the final layer's attention
   # output and MLP, and the LM head, run for that slot only.
-  h, cache = model.decode_hidden(tokens_BP, positions, cache, 0, kv_mask, last_only=True)
-  return _lm_logits(model, h[:, -1], head_DV), cache, kv_mask
+  h, cache = model.decode_hidden(tokens_BP, positions, cache, 0, kv_mask, prefill=True)
+  return model.logits(h[:, -1], head_DV), cache, kv_mask
 
 
 def _repeat_rows(x: Array, n: int, axis: int = 0) -> Array:
@@ -342,7 +334,7 @@ def _sample_prefill(graphdef, weights, tokens_BP, mask_BP, row_ids_B, seed, *, s
   else:
     uniforms = _row_uniforms(seed, row_ids_B, n, m)
   step = jnp.zeros((), jnp.int32)
-  u = uniforms[:, 0] if uniforms.shape[1] else None
+  u = uniforms[:, 0] if isinstance(spec.method, Sample) else None
   tok, logp = choose(logits, u, spec.method, spec.scores)
   done = _is_stop(tok, spec.stop_ids)
   r = b * n
@@ -378,9 +370,9 @@ def _sample_decode(graphdef, weights, state: SamplingState, *, spec: _Spec) -> S
     h, cache = model.decode_hidden(
       last[:, None], s.positions_R[:, None], s.cache, slot, kv_mask, layers
     )
-    logits = _lm_logits(model, h[:, 0], head)
+    logits = model.logits(h[:, 0], head)
     u = None
-    if s.uniforms_RM.shape[1]:
+    if isinstance(spec.method, Sample):
       u = jax.lax.dynamic_index_in_dim(s.uniforms_RM, s.step, axis=1, keepdims=False)
     tok, logp = choose(logits, u, spec.method, spec.scores)
     tok = jnp.where(s.done_R, spec.pad_id, tok)
@@ -437,8 +429,11 @@ def beam_candidates(
   blocks = jnp.sort(blocks, axis=-1)  # candidates in index order keep lax.top_k's tie order
   beam, blk = blocks // nblk, blocks % nblk
   cand = xb[jnp.arange(b)[:, None], beam, blk]  # [B, k, block]
-  pick = lambda a: jnp.take_along_axis(a[..., 0], beam, axis=1)[..., None]  # noqa: E731
-  cand = f(cand, pick(mx), pick(lse), pick(run)).reshape(b, k * block)
+
+  def of_beam(a):  # a row's [B, N, 1] value for each chosen block: [B, k, 1]
+    return jnp.take_along_axis(a[..., 0], beam, axis=1)[..., None]
+
+  cand = f(cand, of_beam(mx), of_beam(lse), of_beam(run)).reshape(b, k * block)
   values, pos = jax.lax.top_k(cand, k)
   token = jnp.take_along_axis(blk, pos // block, axis=1) * block + pos % block
   idx = jnp.take_along_axis(beam, pos // block, axis=1) * v + token
@@ -583,7 +578,7 @@ def _beam_decode(graphdef, weights, state: BeamState, *, spec: _Spec) -> BeamSta
     h, cache = model.decode_hidden(
       last.reshape(-1, 1), s.positions_R[:, None], s.cache, slot, kv_mask, layers
     )
-    logits = _lm_logits(model, h[:, 0], head)
+    logits = model.logits(h[:, 0], head)
     s = dataclasses.replace(s, positions_R=s.positions_R + 1, kv_mask_RS=kv_mask)
     s, parent = _beam_step(s, logits, method, spec)
     return dataclasses.replace(s, cache=cache, parent_BN=parent)
