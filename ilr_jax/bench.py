@@ -878,6 +878,15 @@ def _generate_sample(ctx: BenchContext) -> Case:
   return _generate_case(ctx, Sample(temperature=0.7, top_k=0, top_p=1.0), 16)
 
 
+@workload('generate_sample_top_p')
+def _generate_sample_top_p(ctx: BenchContext) -> Case:
+  # Not in BENCH.md: generate_sample with top-p 0.9, a common setting, whose filter is the one
+  # step of token choice that could need a sort of the vocabulary (ours bisects instead).
+  from ilr_jax.sampler import Sample
+
+  return _generate_case(ctx, Sample(temperature=0.7, top_k=0, top_p=0.9), 16)
+
+
 @workload('generate_beam4')
 def _generate_beam4(ctx: BenchContext) -> Case:
   from ilr_jax.sampler import BeamSearch

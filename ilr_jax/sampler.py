@@ -122,14 +122,37 @@ def processed_logits(logits_BV: Array, method: Sample) -> Array:
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if method.top_p < 1.0:
     probs = jax.nn.softmax(logits, axis=-1)
-    sorted_desc = -jnp.sort(-probs, axis=-1)
-    before = jnp.cumsum(sorted_desc, axis=-1) - sorted_desc  # mass of strictly likelier tokens
-    # The least likely token kept is the last one whose likelier mass is still below top_p; the
-    # most likely token is always kept (transformers' min_tokens_to_keep=1).
-    keep_sorted = (before < method.top_p).at[:, 0].set(True)
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(probs < threshold, -jnp.inf, logits)
+    logits = jnp.where(probs < top_p_threshold(probs, method.top_p), -jnp.inf, logits)
   return logits
+
+
+def top_p_threshold(probs_BV: Array, top_p: float) -> Array:
+  """[B, 1]: the least probability that top-p keeps. A token is kept when the mass of the tokens
+  strictly likelier than it is below top_p (transformers' rule: the smallest set of likeliest
+  tokens whose mass reaches top_p; the most likely token, with nothing likelier, is always kept),
+  so the kept tokens are those with p >= the smallest p_i whose likelier mass S(p_i) =
+  sum(p_j > p_i) is below top_p.
+
+  S is a non-increasing step function that steps down exactly at the probabilities, so that
+  p_i is the smallest t with S(t) < top_p: a bisection over t on the float's bit pattern
+  (probabilities are >= 0, so their int32 patterns order as the floats do; 31 halvings cover
+  [0, 1]) finds it exactly, with one masked sum over the vocabulary per halving. Sorting the
+  vocabulary instead costs XLA:CPU about 100 ms per step for [16, 32000]; ties at the threshold
+  are all kept either way."""
+  bits = jax.lax.bitcast_convert_type(probs_BV.astype(jnp.float32), jnp.int32)
+  hi = jnp.max(bits, axis=-1, keepdims=True)  # S(max p) = 0 < top_p: always a valid threshold
+  lo = jnp.full_like(hi, -1)  # below every probability (S there is the whole mass)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    mass = jnp.sum(jnp.where(bits > mid, probs_BV, 0.0), axis=-1, keepdims=True)
+    below = mass < top_p
+    open_ = hi - lo > 1
+    return jnp.where(open_ & ~below, mid, lo), jnp.where(open_ & below, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, 31, halve, (lo, hi))
+  return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
 BLOCK = 128  # tokens per block: inverse CDF, greedy argmax and beam candidates

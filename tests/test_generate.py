@@ -215,7 +215,7 @@ def test_bench_generate_workloads_smoke():
   cfg = bench.model_config('bench-tiny', 'mistral')
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   ctx = bench.BenchContext('bench-tiny', 'mistral', cfg, 'torch', 0, mesh, batch=4, seq_len=8)
-  for name in ('generate_greedy', 'generate_sample', 'generate_beam4'):
+  for name in ('generate_greedy', 'generate_sample', 'generate_sample_top_p', 'generate_beam4'):
     case = bench.WORKLOADS[name](ctx)
     assert np.asarray(case.jax_fn()).shape == (4, 1, 8)
     with torch.inference_mode():
