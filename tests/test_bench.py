@@ -45,3 +45,45 @@ def test_shapes_and_flops():
     bench.model_config('bench-huge', 'mistral')
   with pytest.raises(ValueError, match='registered twice'):
     bench.workload('sft_step')(lambda ctx: None)
+
+
+def test_real_shape_refused_on_cpu(tmp_path):
+  # mistral-7b / gemma-2b are accelerator sizes: on CPU the command stops with one line before it
+  # builds anything (a 7B model in host memory would take most of an hour to initialise), and
+  # writes no records.
+  import subprocess
+  import sys
+
+  out = tmp_path / 'records.jsonl'
+  cmd = [sys.executable, '-m', 'ilr_jax.bench', '--workloads=generate_greedy']
+  cmd += ['--shape=mistral-7b', '--arch=mistral', f'--out={out}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and not out.exists()
+  assert 'bench: --shape=mistral-7b is a real model size for accelerators' in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_generate_script_dry_run_on_cpu(tmp_path):
+  # launch/bench_generate_gpu.sh with its CPU overrides: one run per row count and method group,
+  # each writing its records (rows as asked, beam rows = 4 x prompts, new tokens = prompt length).
+  import json
+  import os
+  import subprocess
+  from pathlib import Path
+
+  script = Path(__file__).resolve().parents[1] / 'launch' / 'bench_generate_gpu.sh'
+  # (8 rows: the tests' 8 fake CPU devices make the default mesh 8-way data parallel.)
+  env = dict(os.environ, SHAPE='bench-tiny', DTYPE='float32', ROWS='8', BEAM_PROMPTS='8')
+  env.update(SEQ_LEN='4', MIN_REPS='1', LIMIT_S='100')
+  proc = subprocess.run(
+    ['bash', str(script), str(tmp_path)], env=env, capture_output=True, text=True
+  )
+  assert proc.returncode == 0, proc.stderr
+  records = {}
+  for f in ('generate_rows8.jsonl', 'beam4_rows32.jsonl'):
+    for line in (tmp_path / f).read_text().splitlines():
+      rec = json.loads(line)
+      records[rec['name']] = rec
+  assert sorted(records) == ['generate_beam4', 'generate_greedy', 'generate_sample']
+  assert records['generate_greedy']['rows'] == 8 and records['generate_beam4']['rows'] == 32
+  assert all(r['new_tokens'] == 4 and r['prompt_len'] == 4 for r in records.values())
