@@ -602,6 +602,11 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.shape in REAL_SHAPES and jax.devices()[0].platform == 'cpu':
+    raise SystemExit(
+      f'bench: --shape={FLAGS.shape} is a real model size for accelerators (GPU / TPU); on CPU '
+      'use bench-small or bench-tiny'
+    )
   if FLAGS.peer == 'torch':
     import torch
 
@@ -609,11 +614,6 @@ def main(argv):
   sizes = [int(x) for x in FLAGS.mesh.split(',')]
   mesh = shd.make_mesh(*sizes)
   peak = peak_flops(FLAGS.peak_tflops) if FLAGS.dtype == 'bfloat16' else None
-  if FLAGS.shape in REAL_SHAPES and jax.devices()[0].platform == 'cpu':
-    raise SystemExit(
-      f'bench: --shape={FLAGS.shape} is a real model size for accelerators (GPU / TPU); on CPU '
-      'use bench-small or bench-tiny'
-    )
   records = []
   for arch in FLAGS.arch:
     if FLAGS.shape in REAL_SHAPES and not FLAGS.shape.startswith(arch):

@@ -139,14 +139,15 @@ def top_p_threshold(probs_BV: Array, top_p: float) -> Array:
   [0, 1]) finds it exactly, with one masked sum over the vocabulary per halving. Sorting the
   vocabulary instead costs XLA:CPU about 100 ms per step for [16, 32000]; ties at the threshold
   are all kept either way."""
-  bits = jax.lax.bitcast_convert_type(probs_BV.astype(jnp.float32), jnp.int32)
+  probs = probs_BV.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
   hi = jnp.max(bits, axis=-1, keepdims=True)  # S(max p) = 0 < top_p: always a valid threshold
   lo = jnp.full_like(hi, -1)  # below every probability (S there is the whole mass)
 
   def halve(_, bounds):
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
-    mass = jnp.sum(jnp.where(bits > mid, probs_BV, 0.0), axis=-1, keepdims=True)
+    mass = jnp.sum(jnp.where(bits > mid, probs, 0.0), axis=-1, keepdims=True)
     below = mass < top_p
     open_ = hi - lo > 1
     return jnp.where(open_ & ~below, mid, lo), jnp.where(open_ & below, mid, hi)

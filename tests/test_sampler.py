@@ -292,7 +292,7 @@ def test_top_p_threshold_is_exact_with_ties_and_boundaries():
     counts[:, : v // 3] = np.minimum(counts[:, : v // 3], 3)  # many small ties
     counts[:, 0] += 4096 - counts.sum(axis=1)
     probs = counts / 4096.0
-    sums = np.sort(np.cumsum(-np.sort(-probs[0])))
+    sums = np.cumsum(-np.sort(-probs[0]))  # partial sums of the likeliest tokens, ascending
     top_p = float(rng.choice([rng.uniform(0.05, 0.99), sums[rng.integers(0, len(sums) - 1)]]))
     if not 0.0 < top_p < 1.0:
       continue
