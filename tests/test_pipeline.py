@@ -16,16 +16,16 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
-import shutil
 import sys
 import tarfile
 
 import numpy as np
 import pytest
 
-from ilr_jax import pipeline, workdir
+from ilr_jax import context, labels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = 'configs/arith.py:compare,tiny,all'
@@ -124,7 +124,7 @@ def _label_dirs(wd):
 
 
 def _task(wd):
-  return pipeline.make_task(json.loads((wd / 'config.json').read_text())['task'])
+  return context.make_task(json.loads((wd / 'config.json').read_text())['task'])
 
 
 @pytest.mark.slow
@@ -147,13 +147,13 @@ def test_results_and_report(runs):
 def test_label_sets_follow_the_rules(runs):
   wd = runs['full']
   task = _task(wd)
-  d0 = workdir.load_label_set(wd / 'weak_labels' / 'labels')
+  d0 = labels.load_label_set(wd / 'weak_labels' / 'labels')
   n = len(d0['id'])
   assert n > 0 and set(d0['source']) == {'weak'}
-  cor = workdir.load_label_set(wd / 'cor' / 'labels' / 'labels')
+  cor = labels.load_label_set(wd / 'cor' / 'labels' / 'labels')
   assert all(cor['correct']) and set(cor['id']) <= set(d0['id'])
   for method, prev in (('ilr', d0), ('naive', d0), ('orailr', d0), ('cororailr', cor)):
-    d1 = workdir.load_label_set(wd / method / 'r1' / 'labels' / 'labels')
+    d1 = labels.load_label_set(wd / method / 'r1' / 'labels' / 'labels')
     assert d1['id'] == prev['id'], method  # label count and order preserved
     rep = np.asarray(d1['replaced'])
     rec = json.loads((wd / 'stages' / method / 'r1' / 'labels.json').read_text())['metrics']
@@ -210,7 +210,7 @@ def _assert_same_run(a_wd, b_wd):
   dirs = _label_dirs(a_wd)
   assert len(dirs) >= 6 and dirs == _label_dirs(b_wd)
   for rel in dirs:
-    a, b = workdir.load_label_set(a_wd / rel), workdir.load_label_set(b_wd / rel)
+    a, b = labels.load_label_set(a_wd / rel), labels.load_label_set(b_wd / rel)
     assert a.keys() == b.keys()
     for k in a:
       assert [str(x) for x in a[k]] == [str(x) for x in b[k]], (rel, k)
