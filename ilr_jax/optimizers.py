@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-if TYPE_CHECKING:
-  from ilr_jax.train import TrainConfig
+# `cfg` below is a train.TrainConfig (read for its optimizer fields; not imported, since train.py
+# imports this module).
+TrainConfig = Any
 
 Array = jax.Array
 

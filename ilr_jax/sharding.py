@@ -223,6 +223,16 @@ def one_device_mesh() -> Mesh:
   return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly sharded) array as numpy on this host; with several processes every
+  one must call it (an all-gather)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

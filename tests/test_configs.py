@@ -82,6 +82,9 @@ def test_validate_one_line_errors(tmp_path):
     ('methods', ('ilr', 'rlhf'), 'unknown methods'),
     ('ilr.alpha_scope', 'some', 'alpha_scope'),
     ('dpo.num_samples', 5, 'num_samples'),
+    ('dpo.optimizer', 'sgd', 'dpo.optimizer must be one of'),  # train.py has no sgd
+    ('evaluator_train.epochs', 0, 'evaluator_train.epochs must be > 0'),
+    ('mesh.fsdp', 3, '--config.mesh: 8 devices cannot be split'),
   ]
   for key, value, msg in cases:
     bad = _get_config('arith', 'compare,tiny')
