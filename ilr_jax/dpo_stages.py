@@ -1,9 +1,9 @@
 """The stages of SFT+DPO rounds (METHOD.md "SFT+DPO"): preference pairs, then DPO.
 
-  <m>/r<k>/pairs    policy k-1 samples dpo.num_samples answers per half-B prompt; the pairs
-                    (1,2), (3,4), ... are compared by the method's feedback and the most confident
-                    dpo.keep_frac of them kept
-  <m>/r<k>/policy   DPO from policy k-1 with reference policy k-1; evaluated on test
+<m>/r<k>/pairs    policy k-1 samples dpo.num_samples answers per half-B prompt; the pairs
+                  (1,2), (3,4), ... are compared by the method's feedback and the most confident
+                  dpo.keep_frac of them kept
+<m>/r<k>/policy   DPO from policy k-1 with reference policy k-1; evaluated on test
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ from ilr_jax import sharding as shd
 from ilr_jax import workdir as wd
 from ilr_jax.comparisons import ACCEPT, REJECT, comparison_prompt
 from ilr_jax.model import Decoder
-from ilr_jax.tokens import Tokenizer, pad_batch
+from ilr_jax.tokens import Tokenizer, encode_with_bos, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _check_triples(questions, currents, proposals) -> None:
 
 def comparison_ids(tok: Tokenizer, question: str, a: str, b: str) -> list[int]:
   """[BOS] + the comparison prompt "change answer (A) to (B)?"; the one tokenization of it."""
-  return tok.encode_with_bos(comparison_prompt(question, a, b))
+  return encode_with_bos(tok, comparison_prompt(question, a, b))
 
 
 def fit_pair(
@@ -361,6 +361,7 @@ class EvaluatorScorer:
 
 
 # -- training --------------------------------------------------------------------------------
+
 
 def validation_metrics(scorer: EvaluatorScorer, rows: Sequence[Mapping[str, Any]]) -> dict:
   """Accuracy of the evaluator on classification rows {question, a, b, label, kind}.

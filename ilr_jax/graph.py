@@ -76,9 +76,11 @@ class Graph:
     self.nodes: dict[str, Node] = {}
 
   def add(self, name, body, *args, keys=(), after=()) -> Node:
-    if name not in self.nodes:  # a shared stage (D0, half models) is declared once
-      self.nodes[name] = Node(Stage(name, keys=tuple(keys), after=tuple(after)), body, args)
-    return self.nodes[name]
+    node = Node(Stage(name, keys=tuple(keys), after=tuple(after)), body, args)
+    known = self.nodes.setdefault(name, node)  # a shared stage (cor/labels, halves) comes once
+    if (known.stage, known.body, known.args) != (node.stage, node.body, node.args):
+      raise ValueError(f'stage {name} is declared twice with different keys, inputs or body')
+    return known
 
   def contribute(self, name: str, method: str, rnd: int, *keys, **options) -> None:
     self.nodes[name].rows.append(Contribution(method, rnd, keys, **options))

@@ -316,7 +316,7 @@ class _LocalLM:
     return jnp.einsum('BTD,BT->BD', h_BTD, w_BT) / jnp.sum(w_BT, axis=1, keepdims=True)
 
   def ids(self, text: str) -> list[int]:
-    return self.tok.encode_with_bos(text)
+    return tokens.encode_with_bos(self.tok, text)
 
   def run(self, fn, seqs: Sequence[list[int]]) -> np.ndarray:
     """fn over all sequences in fixed-size batches (lengths rounded up to limit recompiles)."""

@@ -26,7 +26,6 @@ LABEL_COLUMNS = (
 LABEL_SOURCES = ('weak', 'proposal', 'gt')
 
 
-
 def label_rows(ids, questions, labels, source, round_, score, replaced, agreed, correct, **extra):
   """The columns of a label set from per-row sequences (LABEL_COLUMNS in order, then `extra`)."""
   return dict(

@@ -17,6 +17,7 @@ import numpy as np
 
 from ilr_jax.context import Run, final_metric, pretrain_stage
 from ilr_jax.labels import label_rows, save_label_set
+from ilr_jax.tokens import encode_with_bos
 
 
 def pretrain_corpus(config, task, test) -> list[str]:
@@ -52,7 +53,7 @@ def pretrain(run: Run, role: str) -> dict:
   num_bos = int(tok.bos_id is not None)
   examples = []
   for doc in corpus:
-    ids = np.asarray((tok.encode_with_bos(doc) + [tok.eos_id])[: c.pretrain.max_len], np.int32)
+    ids = np.asarray((encode_with_bos(tok, doc) + [tok.eos_id])[: c.pretrain.max_len], np.int32)
     loss_mask = np.ones_like(ids)
     loss_mask[:num_bos] = 0
     examples.append((ids, loss_mask))
