@@ -257,6 +257,7 @@ def _check_ilr(config) -> None:
     ilr.alpha_scope in refine.SCOPES,
     f'--config.ilr.alpha_scope must be one of {refine.SCOPES}, got {ilr.alpha_scope!r}',
   )
+  _need(0 <= ilr.floor <= 1, f'--config.ilr.floor must be in [0, 1], got {ilr.floor}')
 
 
 def _check_dpo(config) -> None:
