@@ -38,7 +38,8 @@ REFERENCE_COMMIT = '60e8c08'
 pytestmark = pytest.mark.e2e
 
 
-def _main(wd, *extra, timeout=900, root=ROOT):
+# A bound for a hung run, not a speed check: a shared machine runs these 3-5x slower than idle.
+def _main(wd, *extra, timeout=1800, root=ROOT):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
