@@ -205,26 +205,11 @@ class Run:
       )
     return {'test_accuracy': float(np.mean(graded.scores)), 'test_summary': summary}
 
-  def scorer(self, feedback: str):
-    """The comparison feedback of a source (methods.FEEDBACK) that compares answers: the trained
-    evaluator, or ground-truth grading against half B for 'oracle'."""
-    from ilr_jax import evaluator
+  def scorer(self, feedback: str, stage: str):
+    """The Scorer of a comparing feedback source (methods.COMPARING) for a stage (feedback.py)."""
+    from ilr_jax import feedback as feedback_lib
 
-    if feedback == 'evaluator':
-      et = self.config.evaluator_train
-      return evaluator.EvaluatorScorer(
-        self.load('evaluator', 'evaluator'),
-        self.tok('evaluator'),
-        batch_size=self.config.sampling.score_batch_size,
-        max_len=et.max_len,
-        too_long=et.too_long,
-        swap_second_order=et.swap_second_order,
-        mesh=self.mesh,
-        progress=False,
-      )
-    if feedback == 'oracle':
-      return evaluator.OracleScorer(self.task, self.half_b)
-    raise ValueError(f'feedback {feedback!r} compares no answers, so it has no scorer')
+    return feedback_lib.make(self, feedback, stage)
 
 
 def pretrain_stage(role: str) -> str:

@@ -23,8 +23,8 @@ def _select(run: Run, method: Method, stage: str, questions, a, b, correct_a, co
 
   keep_frac = run.config.dpo.keep_frac
   scores = np.full(len(a), math.nan)
-  if method.feedback == 'evaluator':
-    scores = run.scorer(method.feedback)(questions, a, b)
+  if method.feedback in ('evaluator', 'judge', 'human'):
+    scores = run.scorer(method.feedback, stage)(questions, a, b)
     valid_a = np.asarray([run.task.is_valid_label(x) for x in a])
     valid_b = np.asarray([run.task.is_valid_label(x) for x in b])
     return scores, refine.select_dpo_pairs(scores, keep_frac, valid_a, valid_b)

@@ -100,7 +100,7 @@ def build(config) -> Graph:
   from ilr_jax import label_stages, supervisor_stages
 
   g = Graph()
-  names = tuple(config.methods)
+  run_methods = methods_lib.of_config(config)
   for role in ('supervisor', 'student'):
     if config[role].init == 'pretrain':
       keys = DATA_KEYS + (
@@ -120,7 +120,7 @@ def build(config) -> Graph:
   g.add('weak_labels', supervisor_stages.weak_labels, after=('supervisor',))
   g.contribute('supervisor', 'supervisor', 0, 'test_accuracy')
   g.contribute('weak_labels', 'supervisor', 0, 'label_accuracy', 'num_labels')
-  if methods_lib.uses_evaluator(names):
+  if any(m.uses_evaluator for m in run_methods):
     g.add(
       'evaluator_data',
       supervisor_stages.evaluator_data,
@@ -136,7 +136,7 @@ def build(config) -> Graph:
   base = _base_after(config, 'student')
   # Round 0 of every method; SFT's row is always reported, the reference of every other row.
   d0 = {'weak': ('weak_labels', 'sft'), 'correct': ('cor/labels', 'cor/sft')}
-  shown = [methods_lib.get(n) for n in ('sft',) + tuple(n for n in names if n != 'sft')]
+  shown = [methods_lib.get('sft')] + [m for m in run_methods if m.name != 'sft']
   for m in shown:
     labels, model = d0[m.d0]
     if m.d0 == 'correct':
@@ -145,7 +145,7 @@ def build(config) -> Graph:
     g.contribute(labels, m.name, 0, 'label_accuracy', 'num_labels', wall=False)
     g.contribute(model, m.name, 0, 'test_accuracy')
   # Rounds 1..num_rounds of each method, each round reading the one before.
-  for m in (methods_lib.get(n) for n in names):
+  for m in run_methods:
     if not m.has_rounds:
       continue
     labels, model = d0[m.d0]
@@ -165,6 +165,13 @@ def _scorer_after(m: methods_lib.Method) -> tuple[str, ...]:
   return ('evaluator',) if m.uses_evaluator else ()
 
 
+def _feedback_keys(m: methods_lib.Method) -> tuple[str, ...]:
+  """Config keys of a comparing stage beyond its own section: a judge's identity."""
+  from ilr_jax.schema import JUDGE_RESULT_KEYS
+
+  return JUDGE_RESULT_KEYS if m.feedback == 'judge' else ()
+
+
 def _ilr_round(g: Graph, m, k: int, labels: str, base) -> str:
   """Stages of ILR round k on the label set `labels`; returns the refined set's stage."""
   from ilr_jax import label_stages
@@ -179,7 +186,7 @@ def _ilr_round(g: Graph, m, k: int, labels: str, base) -> str:
     m,
     k,
     labels,
-    keys=('ilr',),
+    keys=('ilr',) + _feedback_keys(m),
     after=halves + _scorer_after(m),
   )
   g.add(
@@ -211,7 +218,13 @@ def _dpo_round(g: Graph, m, k: int, policy: str) -> str:
 
   r = f'{m.name}/r{k}'
   g.add(
-    f'{r}/pairs', dpo_stages.pairs, m, k, policy, keys=('dpo',), after=(policy,) + _scorer_after(m)
+    f'{r}/pairs',
+    dpo_stages.pairs,
+    m,
+    k,
+    policy,
+    keys=('dpo',) + _feedback_keys(m),
+    after=(policy,) + _scorer_after(m),
   )
   g.add(f'{r}/policy', dpo_stages.policy, m, k, policy, keys=('dpo',), after=(f'{r}/pairs',))
   g.contribute(f'{r}/pairs', m.name, k, optional=('dpo_pairs', 'dpo_pair_accuracy'))

@@ -5,8 +5,10 @@
   halves/<labels>/m1, m2   ILR's half-data models on a label set, each proposing for the other half
   <m>/r<k>/labels          agreement, feedback on the disagreeing proposals, the refined set D_k
 
-How a round decides what to replace is the method's feedback source (methods.py): 'evaluator'
-and 'oracle' score the disagreeing proposals, 'random' (naive) replaces a random alpha of all.
+How a round decides what to replace is the method's feedback source (methods.py, feedback.py):
+'evaluator' and 'judge' score the disagreeing proposals and ILR's alpha threshold cuts them;
+'oracle' and 'human' give verdicts, and a proposal the verdict prefers replaces its label; 'random'
+(naive) replaces a random alpha of all.
 """
 
 from __future__ import annotations
@@ -100,10 +102,13 @@ def _decide(run: Run, method: Method, stage: str, d, proposal, examples):
   agree = np.asarray(run.task.agree_batch(proposal, d['label'], examples), bool)
   dis = np.flatnonzero(~agree)
   if dis.size:
-    scores[dis] = run.scorer(method.feedback)(
+    scores[dis] = run.scorer(method.feedback, stage)(
       [d['question'][j] for j in dis], [d['label'][j] for j in dis], [proposal[j] for j in dis]
     )
-  if method.feedback == 'oracle':  # reliable feedback: replace exactly the correct proposals
+  if method.feedback in ('oracle', 'human'):
+    # Binary verdicts (a grade, a person's choice) have no quantile to cut: (1 - alpha) of them
+    # tie at 1, and the strict threshold would then replace nothing. The proposal replaces the
+    # label iff the verdict prefers it.
     return agree, scores, refine.oracle_replace(agree, scores > 0.5)
   return agree, scores, refine.ilr_replace(agree, scores, ilr.alpha, ilr.alpha_scope, ilr.floor)
 

@@ -8,12 +8,20 @@ Every config value can be overridden with `--config.section.field=value`; an unk
 value that cannot run is a one-line error (exit status 2) before any work starts. Rerunning a
 command resumes its workdir; a changed config value that a finished stage depends on is refused,
 naming the key, unless `--recompute_changed` is given.
+
+With human feedback, a run stops with exit status 3 when a stage waits for annotations (the
+message says which files to fill in); rerunning the command after they are filled in continues.
 """
 
+import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# transformers says at import that PyTorch is missing: ilr_jax runs its models in JAX and uses
+# transformers only for tokenizers and configs, so the line asks the user for nothing.
+os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'configs/<task>.py:<method>[,switch...]', lock_config=True
@@ -82,7 +90,15 @@ def main(argv):
     pipeline.check_workdir(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
   except (schema.ConfigError, workdir.ConfigChangedError) as e:
     sys.exit(f'ilr_jax.main: {e}')
-  table = pipeline.run(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
+  from ilr_jax import feedback
+
+  try:
+    table = pipeline.run(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
+  except feedback.AwaitingAnnotations as e:
+    print(f'{e}\nilr_jax.main: waiting for annotations (exit status 3)', flush=True)
+    sys.exit(3)
+  except (feedback.AnnotationError, feedback.FeedbackError) as e:
+    sys.exit(f'ilr_jax.main: {e}')
   print(table, flush=True)
 
 

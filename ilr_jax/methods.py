@@ -3,12 +3,14 @@
 A method is three choices, and the stages read these fields, never the method's name:
   family     'sft' (round 0 only), 'ilr' (refine the labels, SFT again) or 'dpo' (SFT+DPO rounds)
   feedback   who compares a proposal with the current answer: 'evaluator' (the trained pairwise
-             classifier, unreliable like a human), 'oracle' (ground-truth grading), 'random'
-             (naive: a random alpha of the labels replaced, no comparison); None for SFT
+             classifier, unreliable like a human), 'oracle' (ground-truth grading), 'judge' (an
+             LLM judge), 'human' (people, through annotation files), 'random' (naive: a random
+             alpha of the labels replaced, no comparison); None for SFT. feedback.py holds them.
   d0         the round-0 label set: 'weak' (every weak label) or 'correct' (only the correct ones)
 
-A new feedback source (an LLM judge, a person) is a new FEEDBACK entry, a scorer for it in
-scorers.py and a row in METHODS.
+The config's `feedback.source` swaps the comparing source of every method that has one (`resolve`):
+`ilr` with source 'oracle' is `orailr`, the same stages and the same numbers. A method's name is its
+three choices spelled out (`name_of`): [cor][ora|judge|human]<family>.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import dataclasses
 from collections.abc import Sequence
 
 FAMILIES = ('sft', 'ilr', 'dpo')
-FEEDBACK = ('evaluator', 'oracle', 'random')
+FEEDBACK = ('evaluator', 'oracle', 'judge', 'human', 'random')
+COMPARING = ('evaluator', 'oracle', 'judge', 'human')  # the sources that compare two answers
+_PREFIX = {'evaluator': '', 'oracle': 'ora', 'judge': 'judge', 'human': 'human'}
 D0 = ('weak', 'correct')
 
 
@@ -65,10 +69,26 @@ METHODS = {
     Method('cororadpo', 'dpo', 'oracle', d0='correct'),
   )
 }
-NAMES = tuple(METHODS)
+NAMES = tuple(METHODS)  # the paper's methods (config switch `all`)
+# Feedback from outside the run: they need a judge endpoint or annotators (feedback.py).
+METHODS.update(
+  (m.name, m)
+  for m in (
+    Method('judgeilr', 'ilr', 'judge'),
+    Method('judgedpo', 'dpo', 'judge'),
+    Method('humanilr', 'ilr', 'human'),
+    Method('humandpo', 'dpo', 'human'),
+  )
+)
+EXTERNAL = tuple(n for n in METHODS if n not in NAMES)
 COMPARE = ('sft', 'ilr', 'naive', 'dpo')  # the paper's main comparison (config arg `compare`)
 # Rows of a report: the supervisor's row first, then the methods in table order.
-DISPLAY_ORDER = ('supervisor',) + NAMES
+DISPLAY_ORDER = ('supervisor',) + NAMES + EXTERNAL
+
+
+def name_of(family: str, feedback: str, d0: str = 'weak') -> str:
+  """The name of a comparing method from its choices: [cor][ora|judge|human]<family>."""
+  return ('cor' if d0 == 'correct' else '') + _PREFIX[feedback] + family
 
 
 def get(name: str) -> Method:
@@ -78,6 +98,35 @@ def get(name: str) -> Method:
   return METHODS[name]
 
 
-def uses_evaluator(names: Sequence[str]) -> bool:
+def with_feedback(method: Method, source: str) -> Method:
+  """`method` with its comparing feedback replaced by `source` ('' keeps it); SFT and naive,
+  which compare nothing, are returned as they are."""
+  if not source or method.feedback not in COMPARING:
+    return method
+  if source not in COMPARING:
+    raise ValueError(f'feedback source {source!r} not in {COMPARING}')
+  name = name_of(method.family, source, method.d0)
+  return METHODS.get(name) or Method(name, method.family, source, method.d0)
+
+
+def resolve(names: Sequence[str], source: str = '') -> tuple[Method, ...]:
+  """The Methods a run executes: the named ones with the feedback source swapped (`with_feedback`).
+
+  Two names that become one method (ilr and orailr with source 'judge') are an error.
+  """
+  out = tuple(with_feedback(get(n), source) for n in names)
+  seen = [m.name for m in out]
+  twice = sorted({n for n in seen if seen.count(n) > 1})
+  if twice:
+    raise ValueError(f'methods {tuple(names)} with feedback source {source!r} run {twice} twice')
+  return out
+
+
+def uses_evaluator(names: Sequence[str], source: str = '') -> bool:
   """Whether any of the methods asks the trained evaluator (the run then trains one)."""
-  return any(get(n).uses_evaluator for n in names)
+  return any(m.uses_evaluator for m in resolve(names, source))
+
+
+def of_config(config) -> tuple[Method, ...]:
+  """The Methods of a config: `methods` with `feedback.source` applied."""
+  return resolve(tuple(config.methods), config.feedback.source)

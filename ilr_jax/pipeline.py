@@ -13,6 +13,7 @@ import os
 import time
 
 from ilr_jax import graph, report
+from ilr_jax import methods as methods_lib
 from ilr_jax.schema import validate
 from ilr_jax.workdir import Workdir, is_writer, sync, write_json
 
@@ -34,19 +35,35 @@ def check_workdir(config, workdir: str, recompute_changed: bool = False) -> Work
 
 
 def _execute(config, wd: Workdir) -> None:
-  """Run every unfinished stage of the graph, upstream first."""
+  """Run every unfinished stage of the graph, upstream first.
+
+  A stage waiting for human verdicts (feedback.AwaitingAnnotations) holds back the stages that
+  read it; the others still run, and then one AwaitingAnnotations names every waiting stage.
+  """
   from ilr_jax.context import Run
+  from ilr_jax.feedback import AwaitingAnnotations
 
   nodes = graph.build(config).nodes
   runner = Run(config, wd)
+  waiting, held = [], set()
   for name in wd.stages:
     if wd.done(name):
       continue
+    if held & set(wd.stages[name].after):
+      held.add(name)
+      continue
     t0 = time.perf_counter()
-    metrics = wd.run(name, lambda node=nodes[name]: node.run(runner))
+    try:
+      metrics = wd.run(name, lambda node=nodes[name]: node.run(runner))
+    except AwaitingAnnotations as e:
+      waiting.append(str(e))
+      held.add(name)
+      continue
     if is_writer():
       shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
       print(f'[ilr_jax] stage {name} done in {time.perf_counter() - t0:.1f} s: {shown}', flush=True)
+  if waiting:
+    raise AwaitingAnnotations('\n\n'.join(waiting))
 
 
 def _enable_compile_cache(path) -> None:
@@ -77,7 +94,8 @@ def run(config, workdir: str, recompute_changed: bool = False) -> str:
     _enable_compile_cache(config.compile_cache_dir or wd.root / 'jax_cache')
   _execute(config, wd)
   rows = graph.results(config, wd)
-  title = f'{config.task.name}: {", ".join(config.methods)} (seed {config.seed})'
+  names = [m.name for m in methods_lib.of_config(config)]
+  title = f'{config.task.name}: {", ".join(names)} (seed {config.seed})'
   table = ''
   if is_writer():
     table = report.write_report(wd.root, rows, title=title)

@@ -21,7 +21,7 @@ from ilr_jax import refine
 
 INITS = ('hf', 'checkpoint', 'pretrain')
 TRAIN_SECTIONS = ('supervisor_sft', 'sft', 'evaluator_train', 'dpo')
-ARGS = methods_lib.NAMES + ('compare',)
+ARGS = tuple(methods_lib.METHODS) + ('compare',)
 
 
 class ConfigError(ValueError):
@@ -171,6 +171,8 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.ilr.alpha_scope = 'disagreeing'  # the released code; 'all' caps replacements of all labels
   c.ilr.floor = 0.5
 
+  c.feedback = feedback_section()
+
   c.dpo = train_section(1e-6, 2, 32, 'rmsprop', lora_rank=None)  # continues the student's adapter
   c.dpo.beta = 0.1
   c.dpo.num_samples = 6  # answers sampled per half-B prompt, paired (1,2), (3,4), ...
@@ -202,6 +204,60 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.debug = ml_collections.ConfigDict()
   c.debug.kill_at = ''  # test hook: SIGKILL after stage 'NAME' (or 'NAME:outputs'), see workdir
   return c
+
+
+def feedback_section() -> ml_collections.ConfigDict:
+  """Where comparison feedback comes from (feedback.py). `source` '' keeps each method's own;
+  evaluator, oracle, judge or human replaces it for every method that compares (methods.resolve).
+  The judge's options are judge.make_judge's (None: its default)."""
+  f = ml_collections.ConfigDict()
+  f.source = ''
+  f.attempts = 3  # judge: tries per batch of prompts (errors, unreadable replies) before failing
+  f.retry_wait_s = 2.0  # judge: wait before the 2nd try, doubled for each further one
+  f.judge = ml_collections.ConfigDict()
+  f.judge.backend = config_dict.placeholder(str)  # 'http' (OpenAI-compatible) or 'local'
+  for key in ('base_url', 'model', 'api_key_env', 'model_dir', 'tokenizer_dir', 'dtype'):
+    f.judge[key] = config_dict.placeholder(str)
+  for key in ('retries', 'top_logprobs', 'num_threads', 'batch_size', 'max_len'):
+    f.judge[key] = config_dict.placeholder(int)
+  f.judge.timeout_s = config_dict.placeholder(float)
+  f.judge.retry_wait_s = config_dict.placeholder(float)
+  return f
+
+
+# The judge's options that change its answers (stage keys of the stages that ask it); timeouts,
+# retries and threads do not, so raising a timeout does not invalidate answers already cached.
+_JUDGE_RESULT = ('backend', 'base_url', 'model', 'top_logprobs', 'model_dir', 'tokenizer_dir')
+JUDGE_RESULT_KEYS = tuple(f'feedback.judge.{k}' for k in _JUDGE_RESULT + ('max_len', 'dtype'))
+
+
+def _check_feedback(config) -> None:
+  f = config.feedback
+  sources = ('',) + methods_lib.COMPARING
+  _need(f.source in sources, f'--config.feedback.source must be one of {sources}, got {f.source!r}')
+  try:
+    run = methods_lib.of_config(config)
+  except ValueError as e:
+    raise ConfigError(f'--config.methods / --config.feedback.source: {e}') from None
+  _need(f.attempts >= 1, f'--config.feedback.attempts must be >= 1, got {f.attempts}')
+  if any(m.feedback == 'judge' for m in run):
+    _need(
+      f.judge.backend in ('http', 'local'),
+      '--config.feedback.judge.backend must be "http" (with feedback.judge.base_url and '
+      f'feedback.judge.model) or "local" (with feedback.judge.model_dir) for judge feedback, got '
+      f'{f.judge.backend!r}',
+    )
+    if f.judge.backend == 'local':
+      _need(
+        bool(f.judge.model_dir) and os.path.isdir(f.judge.model_dir),
+        f'--config.feedback.judge.model_dir {f.judge.model_dir!r} is not an HF model directory',
+      )
+    else:
+      _need(
+        bool(f.judge.base_url) and bool(f.judge.model),
+        '--config.feedback.judge.base_url and --config.feedback.judge.model are required for '
+        'the http judge',
+      )
 
 
 # -- validation (before any work) ------------------------------------------------------------------
@@ -289,13 +345,14 @@ def _check_mesh(config, num_devices: int) -> None:
 def model_roles(config) -> tuple[str, ...]:
   """The models this run needs: supervisor and student always, the evaluator when a method asks
   the trained evaluator for feedback."""
-  uses = methods_lib.uses_evaluator(config.methods)
+  uses = any(m.uses_evaluator for m in methods_lib.of_config(config))
   return ('supervisor', 'student') + (('evaluator',) if uses else ())
 
 
 def validate(config, num_devices: int | None = None) -> None:
   """Raise ConfigError (one line, naming the flag) for a config that cannot run. No work done."""
   _check_methods(config)
+  _check_feedback(config)
   _check_task(config)
   for role in model_roles(config):
     _check_model(config, role)

@@ -85,6 +85,8 @@ def test_validate_one_line_errors(tmp_path):
     ('dpo.optimizer', 'sgd', 'dpo.optimizer must be one of'),  # train.py has no sgd
     ('evaluator_train.epochs', 0, 'evaluator_train.epochs must be > 0'),
     ('mesh.fsdp', 3, '--config.mesh: 8 devices cannot be split'),
+    ('feedback.source', 'crowd', 'feedback.source must be one of'),
+    ('feedback.source', 'judge', 'feedback.judge.backend must be "http"'),
   ]
   for key, value, msg in cases:
     bad = _get_config('arith', 'compare,tiny')
@@ -93,6 +95,13 @@ def test_validate_one_line_errors(tmp_path):
     with pytest.raises(schema.ConfigError, match=msg) as e:
       schema.validate(bad, num_devices=8)
     assert '\n' not in str(e.value)
+  j = _get_config('arith', 'ilr,tiny')
+  j.feedback.source, j.feedback.judge.backend = 'judge', 'http'
+  with pytest.raises(schema.ConfigError, match='judge.base_url and --config.feedback.judge.model'):
+    schema.validate(j, num_devices=8)
+  j.feedback.judge.base_url, j.feedback.judge.model = 'http://127.0.0.1:9/v1', 'm'
+  schema.validate(j, num_devices=8)
+  assert schema.model_roles(j) == ('supervisor', 'student')  # no evaluator to train
   g = _get_config('gsm8k', 'dpo')
   with pytest.raises(schema.ConfigError, match='supervisor.model_dir is required'):
     schema.validate(g, num_devices=8)
