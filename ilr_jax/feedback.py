@@ -92,8 +92,12 @@ def make(run, source: str, stage: str):
   if source == 'judge':
     from ilr_jax import judge
 
+    try:
+      backend = judge.make_judge(f.judge.to_dict(), prefix='feedback.judge')
+    except judge.JudgeConfigError as e:
+      raise FeedbackError(f'{stage}: {e}') from None
     return JudgeFeedback(
-      judge.make_judge(f.judge.to_dict(), prefix='feedback.judge'),
+      backend,
       run.wd.path(stage),
       stage,
       attempts=f.attempts,

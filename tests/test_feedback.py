@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import pytest
 
-from ilr_jax import feedback, graph, labels, methods
+from ilr_jax import feedback, labels
 from ilr_jax.judge import JudgeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -133,29 +133,6 @@ def test_human_writes_requests_waits_and_validates(tmp_path):
   for x in ids[2:]:
     assert by_id[x] == (1.0 if side[x] == 'B' else 0.0)
   assert by_id[ids[0]] == (1.0 if side[ids[0]] == 'A' else 0.0)
-
-
-def test_feedback_source_expresses_the_oracle_variants_with_their_stages():
-  from ilr_jax import schema
-
-  for family in ('ilr', 'dpo'):
-    named = schema.base_config(f'ora{family}', 'arith')
-    by_source = schema.base_config(family, 'arith')
-    by_source.feedback.source = 'oracle'
-    a, b = graph.build(named).nodes, graph.build(by_source).nodes
-    assert list(a) == list(b)
-    assert all((a[n].stage, a[n].body, a[n].args) == (b[n].stage, b[n].body, b[n].args) for n in a)
-  c = schema.base_config('compare', 'arith')
-  c.feedback.source = 'judge'
-  assert [m.name for m in methods.of_config(c)] == ['sft', 'judgeilr', 'naive', 'judgedpo']
-  assert all(
-    methods.name_of(m.family, m.feedback, m.d0) == n
-    for n, m in methods.METHODS.items()
-    if m.feedback not in (None, 'random')
-  )
-  c.methods = ('ilr', 'orailr')
-  with pytest.raises(ValueError, match="run \\['judgeilr'\\] twice"):
-    methods.of_config(c)
 
 
 # -- whole runs: judge feedback from a fake server, then a person -------------------------------

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ilr_jax import methods
+from ilr_jax import graph, methods
 
 
 def test_table():
@@ -34,3 +34,26 @@ def test_bad_methods_are_one_line_errors():
     methods.Method('x', 'ilr', None)
   with pytest.raises(ValueError, match='feedback'):
     methods.Method('x', 'ilr', 'crowd')
+
+
+def test_feedback_source_expresses_the_oracle_variants_with_their_stages():
+  from ilr_jax import schema
+
+  for family in ('ilr', 'dpo'):
+    named = schema.base_config(f'ora{family}', 'arith')
+    by_source = schema.base_config(family, 'arith')
+    by_source.feedback.source = 'oracle'
+    a, b = graph.build(named).nodes, graph.build(by_source).nodes
+    assert list(a) == list(b)
+    assert all((a[n].stage, a[n].body, a[n].args) == (b[n].stage, b[n].body, b[n].args) for n in a)
+  c = schema.base_config('compare', 'arith')
+  c.feedback.source = 'judge'
+  assert [m.name for m in methods.of_config(c)] == ['sft', 'judgeilr', 'naive', 'judgedpo']
+  assert all(
+    methods.name_of(m.family, m.feedback, m.d0) == n
+    for n, m in methods.METHODS.items()
+    if m.feedback not in (None, 'random')
+  )
+  c.methods = ('ilr', 'orailr')
+  with pytest.raises(ValueError, match="run \\['judgeilr'\\] twice"):
+    methods.of_config(c)
