@@ -127,7 +127,6 @@ class JudgeFeedback:
     self.judge, self.stage = judge, stage
     self.path = pathlib.Path(folder) / JUDGE_ANSWERS
     self.attempts, self.retry_wait_s, self.batch = attempts, retry_wait_s, batch
-    self.asked = 0  # prompts sent to the judge by this object (cached ones are not)
     self._answers: dict[str, float] = {}  # this process's answers (only process 0 keeps a file)
 
   def _load(self) -> dict[str, float]:
@@ -156,8 +155,9 @@ class JudgeFeedback:
       f.flush()
       os.fsync(f.fileno())
 
-  def _ask(self, triples: list[tuple[str, str, str]]) -> list[float]:
-    """P(A better) of each (question, A, B), retried (class docstring); raises FeedbackError."""
+  def _ask(self, triples: list[tuple[str, str, str]]) -> None:
+    """Ask P(A better) of each (question, A, B), retried (class docstring), and save each answer;
+    raises FeedbackError naming the stage when some stay unanswered."""
     from ilr_jax.judge import JudgeError
 
     remaining, last = list(triples), ''
@@ -166,7 +166,6 @@ class JudgeFeedback:
         time.sleep(self.retry_wait_s * 2 ** (attempt - 1))
       try:
         p = np.asarray(self.judge.prob_a_better(*map(list, zip(*remaining))), np.float64)
-        self.asked += len(remaining)
       except (JudgeError, json.JSONDecodeError) as e:
         last = f'{type(e).__name__}: {e}'
         log.warning(

@@ -54,6 +54,11 @@ class Method:
     return self.family != 'sft'
 
 
+def name_of(family: str, feedback: str, d0: str = 'weak') -> str:
+  """The name of a comparing method from its choices: [cor][ora|judge|human]<family>."""
+  return ('cor' if d0 == 'correct' else '') + _PREFIX[feedback] + family
+
+
 # Display order of reports and plots. The oracle variants are upper bounds; `cor` ones start from
 # the correct weak labels only.
 METHODS = {
@@ -70,25 +75,22 @@ METHODS = {
   )
 }
 NAMES = tuple(METHODS)  # the paper's methods (config switch `all`)
-# Feedback from outside the run: they need a judge endpoint or annotators (feedback.py).
+# Every other combination of a comparing source and D0 (feedback.source makes them from the paper's
+# methods): the judge and human ones need an endpoint or annotators (feedback.py).
 METHODS.update(
   (m.name, m)
   for m in (
-    Method('judgeilr', 'ilr', 'judge'),
-    Method('judgedpo', 'dpo', 'judge'),
-    Method('humanilr', 'ilr', 'human'),
-    Method('humandpo', 'dpo', 'human'),
+    Method(name_of(family, source, d0), family, source, d0)
+    for d0 in D0
+    for source in COMPARING
+    for family in ('ilr', 'dpo')
   )
+  if m.name not in METHODS
 )
 EXTERNAL = tuple(n for n in METHODS if n not in NAMES)
 COMPARE = ('sft', 'ilr', 'naive', 'dpo')  # the paper's main comparison (config arg `compare`)
 # Rows of a report: the supervisor's row first, then the methods in table order.
 DISPLAY_ORDER = ('supervisor',) + NAMES + EXTERNAL
-
-
-def name_of(family: str, feedback: str, d0: str = 'weak') -> str:
-  """The name of a comparing method from its choices: [cor][ora|judge|human]<family>."""
-  return ('cor' if d0 == 'correct' else '') + _PREFIX[feedback] + family
 
 
 def get(name: str) -> Method:
@@ -105,8 +107,7 @@ def with_feedback(method: Method, source: str) -> Method:
     return method
   if source not in COMPARING:
     raise ValueError(f'feedback source {source!r} not in {COMPARING}')
-  name = name_of(method.family, source, method.d0)
-  return METHODS.get(name) or Method(name, method.family, source, method.d0)
+  return METHODS[name_of(method.family, source, method.d0)]
 
 
 def resolve(names: Sequence[str], source: str = '') -> tuple[Method, ...]:
