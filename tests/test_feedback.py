@@ -261,3 +261,28 @@ def test_human_feedback_run_waits_validates_and_continues(judged):
     cur, prop = d['previous_label'][j], d['proposal'][j]
     x = shown.get((d['question'][j], cur, prop)) or shown[(d['question'][j], prop, cur)]
     assert d['replaced'][j] == prefer[x] and d['score'][j] == float(prefer[x])
+
+
+def test_dpo_pairs_from_judge_feedback(tmp_path):
+  import types
+
+  from ilr_jax import dpo_stages, methods
+
+  fake = _FakeJudge()
+  run = types.SimpleNamespace(
+    config=types.SimpleNamespace(dpo=types.SimpleNamespace(keep_frac=1.0)),
+    scorer=lambda source, stage: feedback.JudgeFeedback(fake, tmp_path, stage),
+    task=types.SimpleNamespace(is_valid_label=lambda x: True),
+  )
+  a, b = ['#### 1', '#### 2', '#### 3'], ['#### 4', '#### 5', '#### 6']
+  ok = np.ones(3, bool)
+  scores, sel = dpo_stages._select(
+    run, methods.get('judgedpo'), 'judgedpo/r1/pairs', ['q'] * 3, a, b, ok, ok
+  )
+  np.testing.assert_allclose(scores, [0.5 * ((1 - _p_a(x, y)) + _p_a(y, x)) for x, y in zip(a, b)])
+  assert len(fake.prompts) == 6  # both orders of every pair
+  chosen, rejected = sel.chosen_rejected(np.arange(3), np.arange(3) + 3)
+  flat = a + b
+  for i in range(3):
+    better = b[i] if scores[i] > 0.5 else a[i]
+    assert flat[chosen[i]] == better and flat[rejected[i]] != better
