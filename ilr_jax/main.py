@@ -80,9 +80,10 @@ def main(argv):
   try:
     schema.validate(_CONFIG.value)
     pipeline.check_workdir(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
+    # The run checks its data against the config (lengths.py) before any stage: a ConfigError.
+    table = pipeline.run(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
   except (schema.ConfigError, workdir.ConfigChangedError) as e:
     sys.exit(f'ilr_jax.main: {e}')
-  table = pipeline.run(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
   print(table, flush=True)
 
 

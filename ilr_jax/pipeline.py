@@ -934,6 +934,10 @@ def run(config, workdir: str, recompute_changed: bool = False) -> str:
   if config.compile_cache:
     _enable_compile_cache(config.compile_cache_dir or wd.root / 'jax_cache')
   runner = Run(config, wd)
+  from ilr_jax import lengths
+
+  splits = {'train': runner.train, 'test': runner.test}
+  lengths.check_max_len(config, splits, runner.tok, runner.task.decoding['label'].max_new_tokens)
   _execute(runner, wd)
   rows = results(config, wd)
   title = f'{config.task.name}: {", ".join(config.methods)} (seed {config.seed})'
