@@ -727,6 +727,10 @@ def stage_evaluator_data(run: Run) -> dict:
   on half A's ground truth, so its fit doubles as the evaluator-data model (one fit saved)."""
   from ilr_jax import evaluator, fit
 
+  if run.task.name == 'saferpaca':  # its own pairs: general-only and safety-only models
+    from ilr_jax import saferpaca_evaluator
+
+    return saferpaca_evaluator.stage_evaluator_data(run)
   stage, et = 'evaluator_data', run.config.evaluator_train
   snapshots = fit.fit_checkpoints(run.wd.path('supervisor', 'fit'))
   if len(snapshots) != et.num_checkpoints:
