@@ -262,7 +262,7 @@ def _plan(task, base, ckpt):
       sup,
       f'--config.student.model_dir={ckpt["mistral"]}',
       '--config.supervisor_sft.epochs=60',
-      '--config.task.max_new_tokens=48',
+      '--config.task.max_new_tokens=24',
     )
   if task == 'bird':
     return (
@@ -390,3 +390,23 @@ def test_saferpaca_compare_builds_its_own_evaluator_pairs(assets):
       assert s['num_questions'] == 16 and s['correct'] is None
   rec = json.loads((wd / 'stages' / 'dpo' / 'r1' / 'policy.json').read_text())
   assert rec['config']['dpo.epochs'] == 1  # the override reached the stage (config: 4)
+
+
+@pytest.mark.slow
+def test_a_row_longer_than_max_len_stops_before_any_stage_in_one_line(assets):
+  base = assets['base']
+  wd = base / 'too_long'
+  r = _main(
+    'configs/saferpaca.py:compare',
+    wd,
+    f'--config.task.data_dir={base / "saferpaca_data"}',
+    *_plan('saferpaca', base, assets['ckpt']),
+    '--config.sft.max_len=32',
+    '--config.sft.pad_multiple=16',
+    timeout=300,
+  )
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('ilr_jax.main: saferpaca/train/') and 'tokens as an SFT example' in last
+  assert '> --config.sft.max_len=32; set --config.sft.max_len=' in last
+  assert not (wd / 'stages').exists() or not list((wd / 'stages').rglob('*.json'))
