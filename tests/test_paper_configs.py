@@ -10,7 +10,8 @@ Data: GSM8K's shortest rows from ../shared/data/gsm8k when present, else rows wr
 GSM8K's format; BIRD rows whose gold SQL runs on two small sqlite databases made here; SaferPaca
 rows in its instruction/output/category format, judged and embedded by the local backends on the
 tiny Gemma. GSM8K trains only on labels with `####` (METHOD.md), which a random model never
-writes, so its supervisor trains more epochs on half A than the others.
+writes, and a random model's beam-search labels are blank once stripped, so the GSM8K and BIRD
+supervisors train more epochs on half A (120 steps) than SaferPaca's (which samples).
 
 The three runs share one compilation cache (equal shapes compile once) and take about 4 minutes
 on 2 idle cores; one xdist worker runs this whole file (setup.cfg: --dist loadfile).
@@ -257,7 +258,8 @@ def _plan(task, base, ckpt):
   sup = f'--config.supervisor.model_dir={ckpt["gemma"]}'
   if task == 'gsm8k':
     # GSM8K trains only on labels with `####`, which a random model never writes: the
-    # supervisor trains long enough on half A (120 steps) to write some.
+    # supervisor trains long enough on half A (120 steps) to write some. (BIRD's too: a random
+    # model's beams are whitespace, empty once stripped, and empty labels are dropped.)
     return (
       sup,
       f'--config.student.model_dir={ckpt["mistral"]}',
@@ -268,6 +270,7 @@ def _plan(task, base, ckpt):
     return (
       sup,
       f'--config.student.model_dir={ckpt["llama"]}',
+      '--config.supervisor_sft.epochs=60',  # a random model's beams are blank once stripped
       f'--config.task.db_root={base / "bird_dbs"}',
       '--config.task.num_workers=2',
       '--config.task.max_new_tokens=24',
