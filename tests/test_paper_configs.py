@@ -220,7 +220,7 @@ def _checkpoint(path, arch, fast, seed):
 # -- the runs --------------------------------------------------------------------------------------
 
 
-def _main(config, wd, *extra, timeout=900):
+def _main(config, wd, *extra, timeout=1800):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
