@@ -226,6 +226,21 @@ def _hf_names(name: str, cfg: ModelConfig) -> list[str]:
 # -- safetensors without torch -----------------------------------------------------------------
 
 
+def _read_header(fp: pathlib.Path) -> tuple[int, dict]:
+  """(header length, header) of a safetensors file; a truncated or foreign one: CheckpointError."""
+  size, raw = fp.stat().st_size, fp.open('rb')
+  with raw:
+    n = struct.unpack('<Q', raw.read(8))[0] if size >= 8 else size
+    try:  # a foreign file's "length" is garbage and its "header" is no JSON object
+      header = json.loads(raw.read(n)) if 8 + n <= size else None
+      end = max([8 + n + v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'])
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+      end = None
+  if end is None or end > size:
+    raise CheckpointError(f'{fp} is not a complete safetensors file (truncated or not one)')
+  return n, header
+
+
 class SafetensorsDir:
   """The tensors of a model directory's safetensors files, memory-mapped, read one at a time."""
 
@@ -242,9 +257,7 @@ class SafetensorsDir:
       fp = path / f
       if not fp.exists():
         raise CheckpointError(f'{fp} is named in the safetensors index but does not exist')
-      with open(fp, 'rb') as fh:
-        (n,) = struct.unpack('<Q', fh.read(8))
-        header = json.loads(fh.read(n))
+      n, header = _read_header(fp)
       for name, info in header.items():
         if name == '__metadata__':
           continue

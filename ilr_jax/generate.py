@@ -242,10 +242,23 @@ def main(argv) -> None:
     raise SystemExit(f'generate: unexpected arguments {argv[1:]}')
   prompts = list(f.prompt or [])
   if f.prompts_file:
-    lines = pathlib.Path(f.prompts_file).read_text().splitlines()
+    path = pathlib.Path(f.prompts_file)
+    if not path.is_file():
+      raise SystemExit(f'generate: --prompts_file {path} does not exist')
+    lines = path.read_text().splitlines()
+    if not any(line.strip() for line in lines):
+      raise SystemExit(f'generate: --prompts_file {path} holds no prompt (one per line)')
     prompts += [line for line in lines if line.strip()]
   if not prompts:
     raise SystemExit('generate: give --prompt (repeatable) or --prompts_file')
+  # Decoding arguments before the model loads (minutes for a big one).
+  for name in ('max_new_tokens', 'num_samples', 'batch_size'):
+    if getattr(f, name) < 1:
+      raise SystemExit(f'generate: --{name} must be >= 1, got {getattr(f, name)}')
+  try:
+    method = method_from_flags(f)
+  except ValueError as e:
+    raise SystemExit(f'generate: bad decoding arguments: {e}') from None
   mesh = shd.make_mesh(f.mesh_data, f.mesh_fsdp, f.mesh_tensor)
   overrides = {'dtype': f.dtype} if f.dtype else {}
   try:
@@ -258,7 +271,7 @@ def main(argv) -> None:
     model,
     tok,
     texts,
-    method_from_flags(f),
+    method,
     max_new_tokens=f.max_new_tokens,
     num_samples=f.num_samples,
     seed=f.seed,
