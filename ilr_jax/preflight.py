@@ -29,6 +29,10 @@ def _limits(config) -> None:
       limit is None or limit >= 1,
       f'--config.task.{split}_limit must be >= 1 (or unset for all rows), got {limit}',
     )
+  tokens = config.task.get('max_new_tokens')
+  _need(  # tasks.py reads a falsy value as "the task's default"; 0 is a typo, not a default
+    tokens is None or tokens >= 1, f'--config.task.max_new_tokens must be >= 1, got {tokens}'
+  )
   for key in ('batch_size', 'score_batch_size'):
     b = config.sampling[key]
     _need(b >= 1, f'--config.sampling.{key} must be >= 1, got {b}')
