@@ -313,6 +313,26 @@ def _first_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, 
   return None
 
 
+_UNLISTED = ('checkpoints', 'tb')  # pruned (orbax keeps the last few) or appended to by design
+
+
+def _outputs(folder: pathlib.Path, depth: int = 3) -> list[str]:
+  """The files and folders of a stage's outputs, `depth` levels deep (the record lists them)."""
+  found: list[str] = []
+
+  def walk(d: pathlib.Path, rel: str, level: int) -> None:
+    for p in sorted(d.iterdir()):
+      if '.tmp-' in p.name:
+        continue
+      found.append(rel + p.name)
+      if p.is_dir() and level < depth and p.name not in _UNLISTED:
+        walk(p, rel + p.name + '/', level + 1)
+
+  if folder.is_dir():
+    walk(folder, '', 1)
+  return found
+
+
 class Workdir:
   """Stage records and output paths under one root folder.
 
@@ -488,7 +508,14 @@ class Workdir:
   # -- records -----------------------------------------------------------------------------------
 
   def done(self, stage: str) -> bool:
-    return self._record_path(stage).exists()
+    """Whether a stage finished: its record exists and every output it lists is still there
+    (a missing one is an ArtifactError naming it, never a stage trusted without it)."""
+    if not self._record_path(stage).exists():
+      return False
+    for rel in self._read_record(stage).get('outputs', ()):
+      if not self.path(stage, rel).exists():
+        raise ArtifactError(self.path(stage, rel), f'an output of finished stage {stage!r} is gone')
+    return True
 
   def record(self, stage: str) -> dict[str, Any]:
     """A finished stage's record: name, config, fingerprint, wall_s, metrics."""
@@ -520,6 +547,7 @@ class Workdir:
           'wall_s': float(wall_s),
           'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S'),
           'metrics': dict(metrics),
+          'outputs': _outputs(self.path(stage)),
         },
       )
       with contextlib.suppress(FileNotFoundError):
