@@ -30,16 +30,12 @@ import numpy as np
 from flax import nnx
 
 from ilr_jax import sharding as shd
-from ilr_jax.model import Decoder, ModelConfig, RopeScaling
+from ilr_jax.model import Decoder, ModelConfig, RopeScaling, num_params
+from ilr_jax.workdir import ArtifactError, load
 
-TOKENIZER_FILES = (
-  'tokenizer.json',
-  'tokenizer_config.json',
-  'tokenizer.model',
-  'special_tokens_map.json',
-  'generation_config.json',
-  'chat_template.jinja',
-  'spm.model',
+TOKENIZER_FILES = tuple(
+  'tokenizer.json tokenizer_config.json tokenizer.model special_tokens_map.json '
+  'generation_config.json chat_template.jinja spm.model'.split()
 )
 _ST_DTYPES = {
   'F32': np.dtype(np.float32),
@@ -229,14 +225,14 @@ def _hf_names(name: str, cfg: ModelConfig) -> list[str]:
 def _read_header(fp: pathlib.Path) -> tuple[int, dict]:
   """(header length, header) of a safetensors file; a truncated or foreign one: CheckpointError."""
   size, raw = fp.stat().st_size, fp.open('rb')
-  with raw:
+  with raw:  # a foreign file's "length" is garbage and its "header" no JSON object
     n = struct.unpack('<Q', raw.read(8))[0] if size >= 8 else size
-    try:  # a foreign file's "length" is garbage and its "header" is no JSON object
+    try:
       header = json.loads(raw.read(n)) if 8 + n <= size else None
-      end = max([8 + n + v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'])
+      end = max(8 + n + v['data_offsets'][1] for k, v in header.items() if k != '__metadata__')
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, IndexError):
-      end = None
-  if end is None or end > size:
+      end = size + 1
+  if end > size:
     raise CheckpointError(f'{fp} is not a complete safetensors file (truncated or not one)')
   return n, header
 
@@ -555,7 +551,7 @@ def load_checkpoint(
     shardings.to_pure_dict(),
   )
   with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(path / 'params', target)
+    restored = load(path / 'params', lambda p: ckptr.restore(p, target), 'checkpoint params')
   nnx.replace_by_pure_dict(abstract, restored)
   return nnx.merge(graphdef, abstract)
 
@@ -581,21 +577,15 @@ def main(argv) -> None:
     if f.from_hf and f.out and not (f.checkpoint or f.to_hf):
       model = load_hf(f.from_hf, param_dtype=f.param_dtype) if f.param_dtype else load_hf(f.from_hf)
       save_checkpoint(model, f.out, tokenizer_dir=f.from_hf)
-      print(f'wrote {f.out} ({model.cfg.arch}, {num_params_of(model):,} parameters)')
+      print(f'wrote {f.out} ({model.cfg.arch}, {num_params(nnx.state(model)):,} parameters)')
     elif f.checkpoint and f.to_hf and not (f.from_hf or f.out):
       model = load_checkpoint(f.checkpoint)
       save_hf(model, f.to_hf, tokenizer_dir=f.checkpoint)
-      print(f'wrote {f.to_hf} ({model.cfg.arch}, {num_params_of(model):,} parameters)')
+      print(f'wrote {f.to_hf} ({model.cfg.arch}, {num_params(nnx.state(model)):,} parameters)')
     else:
       raise SystemExit('convert: give either --from_hf and --out, or --checkpoint and --to_hf')
-  except CheckpointError as e:
+  except (CheckpointError, ArtifactError) as e:
     raise SystemExit(f'convert: {e}') from None
-
-
-def num_params_of(model: Decoder) -> int:
-  from ilr_jax.model import num_params
-
-  return num_params(nnx.state(model))
 
 
 if __name__ == '__main__':

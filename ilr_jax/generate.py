@@ -263,7 +263,7 @@ def main(argv) -> None:
   overrides = {'dtype': f.dtype} if f.dtype else {}
   try:
     model = convert.load_model(f.model, mesh=mesh, rules=shd.DECODE_RULES, **overrides)
-  except convert.CheckpointError as e:
+  except (convert.CheckpointError, convert.ArtifactError) as e:
     raise SystemExit(f'generate: {e}') from None
   tok = tokens_lib.Tokenizer.load(f.tokenizer or f.model)
   texts = prompts if f.raw else [tokens_lib.prompt_text(q) for q in prompts]
