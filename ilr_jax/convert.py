@@ -388,8 +388,7 @@ def load_hf(
   st = SafetensorsDir(path)
   _check(cfg, st)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-  if mesh is None:
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
   shardings = _flat(shd.state_shardings(abstract, mesh, rules))
   flat = _flat(abstract)
   pmap = param_map(cfg)
@@ -533,8 +532,7 @@ def load_checkpoint(
     raise CheckpointError(f'{path} is not an ilr_jax checkpoint (no {MODEL_CONFIG} or params/)')
   cfg = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG).read_text())).replace(**overrides)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-  if mesh is None:
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
   shardings = shd.state_shardings(abstract, mesh, rules)
   target = jax.tree.map(
     lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),

@@ -314,10 +314,7 @@ def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> li
   from ilr_jax import generate, sampler
 
   d = run.task.decoding[use]
-  if d.method == 'beam':
-    method = sampler.BeamSearch(num_beams=d.num_beams)
-  else:
-    method = sampler.Sample(temperature=d.temperature)
+  method = sampler.method_from_name(d.method, temperature=d.temperature, num_beams=d.num_beams)
   result = generate.generate_answers(
     model,
     run.tok(role),
@@ -331,8 +328,7 @@ def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> li
     desc=f'{stage} ({use})',
     scores=False,  # only the texts are used
   )
-  texts = result.texts
-  return [t if isinstance(t, list) else [t] for t in texts]
+  return result.texts
 
 
 def _evaluate(run: Run, model, role: str, stage: str) -> dict:

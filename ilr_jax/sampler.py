@@ -100,12 +100,26 @@ Method = Greedy | Sample | BeamSearch
 GREEDY = Greedy()
 
 
-def parse_method(name: str, **kwargs) -> Method:
-  """A method from its name ('greedy', 'sample', 'beam') and its fields."""
-  table = {'greedy': Greedy, 'sample': Sample, 'beam': BeamSearch}
-  if name not in table:
-    raise ValueError(f'unknown decoding method {name!r}; expected one of {sorted(table)}')
-  return table[name](**kwargs)
+# The decoding methods by name: the one list configs, flags and tasks choose from.
+METHODS: dict[str, type[Greedy] | type[Sample] | type[BeamSearch]] = {
+  'greedy': Greedy,
+  'sample': Sample,
+  'beam': BeamSearch,
+}
+
+
+def method_from_name(name: str, **fields) -> Method:
+  """The method called `name` (a key of METHODS), built from those of `fields` that it has.
+
+  Callers hold the settings of every method side by side (a command's flags, a task's decoding
+  table), so fields of the other methods are passed over: `method_from_name('beam',
+  temperature=0.7, num_beams=2)` is BeamSearch(num_beams=2).
+  """
+  if name not in METHODS:
+    raise ValueError(f'unknown decoding method {name!r}; expected one of {sorted(METHODS)}')
+  cls = METHODS[name]
+  own = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in fields.items() if k in own})
 
 
 # -- token choice ------------------------------------------------------------------------------
@@ -117,7 +131,7 @@ def processed_logits(logits_BV: Array, method: Sample) -> Array:
   v = logits.shape[-1]
   if method.top_k and method.top_k < v:
     # The k-th value as the min of the top k: slicing it out ([:, -1:]) makes XLA:CPU drop its
-    # TopK kernel for a full sort of the vocabulary (80 ms instead of 1 ms for [16, 32000]).
+    # TopK kernel for a full sort of the vocabulary (docs/PERFORMANCE.md).
     kth = jnp.min(jax.lax.top_k(logits, method.top_k)[0], axis=-1, keepdims=True)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if method.top_p < 1.0:
@@ -136,9 +150,9 @@ def top_p_threshold(probs_BV: Array, top_p: float) -> Array:
   S is a non-increasing step function that steps down exactly at the probabilities, so that
   p_i is the smallest t with S(t) < top_p: a bisection over t on the float's bit pattern
   (probabilities are >= 0, so their int32 patterns order as the floats do; 31 halvings cover
-  [0, 1]) finds it exactly, with one masked sum over the vocabulary per halving. Sorting the
-  vocabulary instead costs XLA:CPU about 100 ms per step for [16, 32000]; ties at the threshold
-  are all kept either way."""
+  [0, 1]) finds it exactly, with one masked sum over the vocabulary per halving, where a sort of
+  the vocabulary on XLA:CPU would cost more than the rest of a decode step (docs/PERFORMANCE.md);
+  ties at the threshold are all kept either way."""
   probs = probs_BV.astype(jnp.float32)
   bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
   hi = jnp.max(bits, axis=-1, keepdims=True)  # S(max p) = 0 < top_p: always a valid threshold
@@ -224,12 +238,6 @@ def sample_choice(
   return tok, picked - m[:, 0] - jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
 
 
-def sample_tokens(logits_BV: Array, keys_B: Array, method: Sample) -> Array:
-  """One token per row from the processed distribution; `keys_B` are typed PRNG keys."""
-  u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
-  return sample_choice(logits_BV, u, method)[0]
-
-
 def choose(
   logits_BV: Array, u_B: Array | None, method: Greedy | Sample, with_logp: bool = True
 ) -> tuple[Array, Array | None]:
@@ -312,7 +320,7 @@ def _prefill_logits(
 ):
   """Run the prompts into a fresh cache; returns (last-position logits [B, V], cache, kv_mask)."""
   b, p = tokens_BP.shape
-  cache = init_cache(model.cfg, b, cache_len, kv_first=True)
+  cache = init_cache(model.cfg, b, cache_len)
   kv_mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(mask_BP)
   positions = positions_from_mask(mask_BP)
   # Only the last slot's logits are needed (every prompt ends there): the final layer's attention
@@ -327,8 +335,8 @@ def _repeat_rows(x: Array, n: int, axis: int = 0) -> Array:
 
 def _row_uniforms(seed: Array, row_ids_B: Array, n: int, m: int) -> Array:
   """[B * n, m] uniforms in [0, 1): key(seed) folded with the row id, then with the sample index,
-  then with the step. Drawn for every step before the loop (the threefry rounds are a loop of
-  their own on CPU, about 70 us per step inside the decode loop)."""
+  then with the step. Drawn for every step before the loop: inside the decode loop the threefry
+  rounds are a loop of their own on CPU, run once per step."""
   base = jax.random.key(seed)
   rows = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids_B)
   keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, jnp.arange(n)))(rows)
@@ -646,14 +654,12 @@ class Sampler:
   """Decoding for one model on one mesh; parameters are placed once with the decode rules.
 
   A LoRA adapter is merged into the kernels once, here (W + alpha / R * A @ B, as PEFT's
-  merge_and_unload), so the decode loop runs the base architecture: unmerged, rank 64 on all
-  seven projections adds 14 small matmuls per layer and step (11% of greedy bench-small time).
-  The model passed in is not changed.
+  merge_and_unload), so the decode loop runs the base architecture: unmerged, every adapted
+  projection adds two small matmuls per layer and step. The model passed in is not changed.
 
   On CPU a tied embedding [V, D] is also kept transposed, [D, V], for the LM head: XLA:CPU's
-  matmul with the [V, D] operand as it is runs about 15% slower (bench-small gemma, greedy: 7-10%
-  of the whole generation). It costs a second copy of the embedding, so accelerators (whose
-  matmuls take either layout) do not get it.
+  matmul with the [V, D] operand as it is runs slower (docs/PERFORMANCE.md). It costs a second
+  copy of the embedding, so accelerators (whose matmuls take either layout) do not get it.
 
   Args:
     model: a Decoder with an LM head, with or without a LoRA adapter.
@@ -664,8 +670,7 @@ class Sampler:
   def __init__(self, model: Decoder, *, mesh=None, rules=shd.DECODE_RULES):
     if model.cfg.num_labels:
       raise ValueError('the model has a score head, not an LM head: it cannot generate')
-    if mesh is None:
-      mesh = shd.mesh_of(nnx.state(model)) or shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = shd.model_mesh(model, mesh)
     self.mesh = mesh
     self.rules = tuple(rules)
     if model.cfg.lora_rank:

@@ -1,47 +1,25 @@
 """Sampler: golden greedy and beam search against transformers, sample frequencies, cache
 consistency, batch invariance, sharding and the in-place cache update."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_hf_config
 from flax import nnx
 
 from ilr_jax import convert
 from ilr_jax import sampler as S
 from ilr_jax import sharding as shd
-from ilr_jax.model import Decoder, ModelConfig
+from ilr_jax.model import Decoder
+from ilr_jax.testing import peaked_model, tiny_config
 
 V = 64
 EOS, PAD = 2, 0
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init(cfg: ModelConfig, seed: int):
-  # Random init (std 0.02) gives nearly uniform logits, whose near-ties make argmax comparisons
-  # flaky; larger weights give peaked, tie-free distributions. Jitted: eager init is slow.
-  state = nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
-  return jax.tree.map(lambda x: x * 5.0, state)
-
-
 def _model(seed=0, **overrides) -> Decoder:
-  kw = dict(
-    arch='llama',
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(EOS,),
-  )
-  kw.update(overrides)
-  cfg = ModelConfig(**kw)
-  graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))[0]
-  return nnx.merge(graphdef, _init(cfg, seed))
+  return peaked_model(tiny_config(**{'vocab_size': V, 'eos_token_ids': (EOS,), **overrides}), seed)
 
 
 @pytest.fixture(scope='module')
@@ -87,24 +65,9 @@ def _save_hf(path, arch, seed, eos_boost=1.0):
   import transformers
 
   torch.manual_seed(seed)
-  cls = {
-    'gemma': transformers.GemmaConfig,
-    'mistral': transformers.MistralConfig,
-    'llama': transformers.LlamaConfig,
-  }[arch]
-  cfg = cls(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=1 if arch == 'gemma' else 2,
-    head_dim=8,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=EOS,
-    pad_token_id=PAD,
-  )
+  kv = 1 if arch == 'gemma' else 2
+  ids = dict(bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
+  cfg = tiny_hf_config(arch, num_key_value_heads=kv, head_dim=8, **ids)
   hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
   with torch.no_grad():
     for p in hf.parameters():
@@ -235,8 +198,9 @@ def _target(logits, temperature, top_k, top_p):
 def test_sample_frequencies_match_target(method):
   logits = np.array([1.2, 0.3, -0.5, 2.0, 0.9, -1.5, 0.0, 1.6], np.float32)
   n = 20000
-  keys = jax.random.split(jax.random.key(0), n)
-  draws = jax.jit(S.sample_tokens, static_argnums=2)(jnp.broadcast_to(logits, (n, 8)), keys, method)
+  u = jax.random.uniform(jax.random.key(0), (n,), jnp.float32)
+  choice = jax.jit(lambda x, u: S.sample_choice(x, u, method, with_logp=False)[0])
+  draws = choice(jnp.broadcast_to(logits, (n, 8)), u)
   counts = np.bincount(np.asarray(draws), minlength=8)
   p = _target(logits, method.temperature, method.top_k, method.top_p)
   assert (counts[p == 0] == 0).all(), 'a removed token was sampled'
@@ -527,8 +491,11 @@ def test_method_validation():
   with pytest.raises(ValueError, match='early_stopping'):
     S.BeamSearch(early_stopping='sometimes')
   with pytest.raises(ValueError, match='unknown decoding method'):
-    S.parse_method('nucleus')
-  assert S.parse_method('beam', num_beams=2) == S.BeamSearch(2)
+    S.method_from_name('nucleus')
+  # Fields of the other methods are passed over (a caller holds every method's settings).
+  assert S.method_from_name('beam', num_beams=2, temperature=0.7) == S.BeamSearch(2)
+  assert S.method_from_name('sample', temperature=0.7, num_beams=2) == S.Sample(0.7)
+  assert S.method_from_name('greedy', top_k=3) == S.GREEDY
 
 
 # -- sharding and the compiled loop ------------------------------------------------------------
