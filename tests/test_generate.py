@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -183,7 +182,7 @@ def test_bench_generate_workloads_smoke():
   from ilr_jax import sharding as shd
 
   cfg = bench.model_config('bench-tiny', 'mistral')
-  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = shd.single_device_mesh()
   ctx = bench.BenchContext('bench-tiny', 'mistral', cfg, 'torch', 0, mesh, batch=4, seq_len=8)
   for name in ('generate_greedy', 'generate_sample', 'generate_sample_top_p', 'generate_beam4'):
     case = bench.WORKLOADS[name](ctx)
