@@ -77,6 +77,21 @@ def _save_hf(path, arch, seed, eos_boost=1.0):
   return hf
 
 
+def _hf_generate(hf, toks, mask, **kw):
+  """transformers' deterministic `generate` (greedy or beam search) on left-padded prompts."""
+  import torch
+
+  with torch.no_grad():
+    return hf.generate(
+      torch.tensor(toks, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      do_sample=False,
+      pad_token_id=PAD,
+      eos_token_id=EOS,
+      **kw,
+    )
+
+
 def _check_tokens(model, prompt, ours, ref, tol=1e-4):
   """ours == ref token by token; a difference is allowed only at an exact tie of our logits (then
   the rest is not compared). Returns True when identical."""
@@ -91,22 +106,12 @@ def _check_tokens(model, prompt, ours, ref, tol=1e-4):
 @pytest.mark.slow
 @pytest.mark.parametrize('arch', ['gemma', 'mistral', 'llama'])
 def test_greedy_matches_transformers(tmp_path, arch):
-  import torch
 
   # Gemma ties its embeddings, so its EOS row needs a larger boost to be chosen at times.
   hf = _save_hf(tmp_path / arch, arch, seed=0, eos_boost=3.0 if arch == 'gemma' else 1.5)
   seqs = _prompts(np.random.default_rng(1), 16, 1, 20, vocab=128)
   toks, mask = _left(seqs)
-  with torch.no_grad():
-    ref = hf.generate(
-      torch.tensor(toks, dtype=torch.long),
-      attention_mask=torch.tensor(mask, dtype=torch.long),
-      do_sample=False,
-      num_beams=1,
-      max_new_tokens=32,
-      pad_token_id=PAD,
-      eos_token_id=EOS,
-    )[:, toks.shape[1] :].numpy()
+  ref = _hf_generate(hf, toks, mask, num_beams=1, max_new_tokens=32)[:, toks.shape[1] :].numpy()
   model = convert.load_hf(tmp_path / arch)
   out = S.sample(model, toks, mask, S.Greedy(), max_new_tokens=32, stop_ids=(EOS,), pad_id=PAD)
   same = 0
@@ -123,25 +128,21 @@ def test_greedy_matches_transformers(tmp_path, arch):
 
 @pytest.mark.slow
 def test_beam_search_matches_transformers(tmp_path):
-  import torch
 
   hf = _save_hf(tmp_path / 'beam', 'llama', seed=1, eos_boost=3.0)
   seqs = _prompts(np.random.default_rng(2), 32, 1, 20, vocab=128)
   toks, mask = _left(seqs)
-  with torch.no_grad():
-    r = hf.generate(
-      torch.tensor(toks, dtype=torch.long),
-      attention_mask=torch.tensor(mask, dtype=torch.long),
-      do_sample=False,
-      num_beams=4,
-      length_penalty=1.0,
-      early_stopping=False,
-      max_new_tokens=16,
-      pad_token_id=PAD,
-      eos_token_id=EOS,
-      return_dict_in_generate=True,
-      output_scores=True,
-    )
+  r = _hf_generate(
+    hf,
+    toks,
+    mask,
+    num_beams=4,
+    length_penalty=1.0,
+    early_stopping=False,
+    max_new_tokens=16,
+    return_dict_in_generate=True,
+    output_scores=True,
+  )
   ref = r.sequences[:, toks.shape[1] :].numpy()
   ref_scores = r.sequences_scores.numpy()
   model = convert.load_hf(tmp_path / 'beam')

@@ -8,6 +8,8 @@ in the call on both sides.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,21 +119,11 @@ def dpo_case(ctx: BenchContext, lora_rank: int) -> Case:
   return Case(jax_fn, torch_fn, n * t, 'tokens', flops, fields)
 
 
-@workload('sft_step')
-def _sft_step(ctx: BenchContext) -> Case:
-  return sft_case(ctx, lora_rank=0)
-
-
-@workload('sft_step_lora')
-def _sft_step_lora(ctx: BenchContext) -> Case:
-  return sft_case(ctx, lora_rank=LORA_RANK)
-
-
-@workload('dpo_step')
-def _dpo_step(ctx: BenchContext) -> Case:
-  return dpo_case(ctx, lora_rank=0)
-
-
-@workload('dpo_step_lora')
-def _dpo_step_lora(ctx: BenchContext) -> Case:
-  return dpo_case(ctx, lora_rank=LORA_RANK)
+# name -> (case, adapter rank): full fine-tuning and LoRA variants of each step.
+for _name, _case, _rank in (
+  ('sft_step', sft_case, 0),
+  ('sft_step_lora', sft_case, LORA_RANK),
+  ('dpo_step', dpo_case, 0),
+  ('dpo_step_lora', dpo_case, LORA_RANK),
+):
+  workload(_name)(functools.partial(_case, lora_rank=_rank))
