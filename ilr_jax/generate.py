@@ -30,8 +30,9 @@ import numpy as np
 
 from ilr_jax import sharding as shd
 from ilr_jax import tokens as tokens_lib
+from ilr_jax.decoding import GREEDY, Method, method_from_name
 from ilr_jax.model import Decoder
-from ilr_jax.sampler import GREEDY, Method, Sampler, method_from_name
+from ilr_jax.sampler import Sampler
 
 DEFAULT_BUCKETS = tuple(2**k for k in range(4, 15))  # 16 .. 16384 prompt tokens
 
@@ -271,7 +272,7 @@ def main(argv) -> None:
 if __name__ == '__main__':
   from absl import app, flags
 
-  from ilr_jax.sampler import METHODS
+  from ilr_jax.decoding import METHODS
 
   flags.DEFINE_string(
     'model', None, 'an HF model directory or one of our checkpoints', required=True

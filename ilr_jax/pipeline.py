@@ -311,10 +311,10 @@ def _sft_examples(run: Run, role: str, questions, answers):
 
 def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> list[list[str]]:
   """Answers per question (a list of num_samples texts each) with the task's decoding for `use`."""
-  from ilr_jax import generate, sampler
+  from ilr_jax import decoding, generate
 
   d = run.task.decoding[use]
-  method = sampler.method_from_name(d.method, temperature=d.temperature, num_beams=d.num_beams)
+  method = decoding.method_from_name(d.method, temperature=d.temperature, num_beams=d.num_beams)
   result = generate.generate_answers(
     model,
     run.tok(role),

@@ -9,6 +9,7 @@ from conftest import tiny_hf_config
 from flax import nnx
 
 from ilr_jax import convert
+from ilr_jax import decoding as D
 from ilr_jax import sampler as S
 from ilr_jax import sharding as shd
 from ilr_jax.model import Decoder
@@ -200,7 +201,7 @@ def test_sample_frequencies_match_target(method):
   logits = np.array([1.2, 0.3, -0.5, 2.0, 0.9, -1.5, 0.0, 1.6], np.float32)
   n = 20000
   u = jax.random.uniform(jax.random.key(0), (n,), jnp.float32)
-  choice = jax.jit(lambda x, u: S.sample_choice(x, u, method, with_logp=False)[0])
+  choice = jax.jit(lambda x, u: D.sample_choice(x, u, method, with_logp=False)[0])
   draws = choice(jnp.broadcast_to(logits, (n, 8)), u)
   counts = np.bincount(np.asarray(draws), minlength=8)
   p = _target(logits, method.temperature, method.top_k, method.top_p)
@@ -215,13 +216,13 @@ def test_inverse_cdf_over_many_blocks():
   # A vocabulary of several blocks with zero-weight tokens (removed ones) in between and at the
   # end; u = 0 and u just below 1 hit the first and the last token that carry weight.
   rng = np.random.default_rng(0)
-  v = 3 * S.BLOCK + 17
+  v = 3 * D.BLOCK + 17
   w = np.exp(2.0 * rng.standard_normal(v)).astype(np.float32)
   w[rng.random(v) < 0.3] = 0.0
   w[-40:] = 0.0
   n = 40000
   u = jax.random.uniform(jax.random.key(1), (n,))
-  draws = np.asarray(jax.jit(S.inverse_cdf)(jnp.broadcast_to(w, (n, v)), u))
+  draws = np.asarray(jax.jit(D.inverse_cdf)(jnp.broadcast_to(w, (n, v)), u))
   counts = np.bincount(draws, minlength=v)
   assert (counts[w == 0] == 0).all()
   p = w / w.sum()
@@ -230,7 +231,7 @@ def test_inverse_cdf_over_many_blocks():
   exp = np.append(n * p[big], n * p[~big].sum())
   chi2 = float(((obs - exp) ** 2 / exp).sum())
   assert chi2 < chi2_critical(len(obs) - 1), chi2
-  ends = np.asarray(S.inverse_cdf(jnp.asarray([w, w]), jnp.asarray([0.0, 1.0 - 1e-7])))
+  ends = np.asarray(D.inverse_cdf(jnp.asarray([w, w]), jnp.asarray([0.0, 1.0 - 1e-7])))
   assert list(ends) == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
 
 
@@ -238,7 +239,7 @@ def test_top_k_filter_compiles_to_xla_top_k_not_a_sort():
   # Slicing the k-th value out of lax.top_k made XLA:CPU replace its TopK kernel with a full sort
   # of the vocabulary on every step (80 ms instead of 1 ms for [16, 32000]).
   x = jax.ShapeDtypeStruct((4, 1000), jnp.float32)
-  hlo = jax.jit(lambda x: S.processed_logits(x, S.Sample(top_k=5))).lower(x).compile().as_text()
+  hlo = jax.jit(lambda x: D.processed_logits(x, S.Sample(top_k=5))).lower(x).compile().as_text()
   assert 'TopK' in hlo and ' sort(' not in hlo
 
 
@@ -248,7 +249,7 @@ def test_top_p_threshold_is_exact_with_ties_and_boundaries():
   # likelier tokens is below top_p), ties and top_p equal to a partial sum (which is not below
   # it) included. The tie groups are kept whole.
   rng = np.random.default_rng(7)
-  fn = jax.jit(S.top_p_threshold, static_argnums=1)
+  fn = jax.jit(D.top_p_threshold, static_argnums=1)
   for trial in range(40):
     b, v = int(rng.integers(1, 5)), int(rng.integers(2, 700))
     counts = rng.multinomial(
@@ -272,7 +273,7 @@ def test_top_p_filter_does_not_sort():
   # The threshold is found by bisection; a sort of the vocabulary cost XLA:CPU about 100 ms per
   # decode step for [16, 32000].
   x = jax.ShapeDtypeStruct((4, 1000), jnp.float32)
-  hlo = jax.jit(lambda x: S.processed_logits(x, S.Sample(top_p=0.9))).lower(x).compile().as_text()
+  hlo = jax.jit(lambda x: D.processed_logits(x, S.Sample(top_p=0.9))).lower(x).compile().as_text()
   assert ' sort(' not in hlo
 
 
@@ -282,7 +283,7 @@ def test_beam_candidates_equal_top_k_of_log_softmax(kind):
   # the same values (bit for bit), indices and tie order, for vocabularies that are not a whole
   # number of blocks, exact ties and -inf logits.
   rng = np.random.default_rng(20 + ['normal', 'ties', 'removed'].index(kind))
-  fn = jax.jit(S.beam_candidates, static_argnums=(2, 3))
+  fn = jax.jit(D.beam_candidates, static_argnums=(2, 3))
 
   @jax.jit
   def want(x, run):
@@ -314,7 +315,7 @@ def test_blocked_argmax_and_greedy_log_prob(kind):
   # not a whole number of blocks, with exact ties and -inf entries; greedy_choice's log-prob is
   # log_softmax at that token.
   rng = np.random.default_rng(10 + ['normal', 'ties', 'removed'].index(kind))
-  fn = jax.jit(S.max_and_first_argmax, static_argnums=1)
+  fn = jax.jit(D.max_and_first_argmax, static_argnums=1)
   for _ in range(20):
     b, v, block = int(rng.integers(1, 6)), int(rng.integers(1, 1500)), int(rng.choice([4, 128]))
     if kind == 'ties':
@@ -327,7 +328,7 @@ def test_blocked_argmax_and_greedy_log_prob(kind):
     top, idx = fn(x, block)
     np.testing.assert_array_equal(top, x.max(axis=-1))
     np.testing.assert_array_equal(idx, x.argmax(axis=-1))
-  tok, logp = jax.jit(S.greedy_choice)(x)
+  tok, logp = jax.jit(D.greedy_choice)(x)
   want = jax.nn.log_softmax(x, axis=-1)[np.arange(b), x.argmax(axis=-1)]
   np.testing.assert_array_equal(tok, x.argmax(axis=-1))
   np.testing.assert_allclose(logp, want, rtol=1e-6, atol=1e-6)
@@ -492,11 +493,11 @@ def test_method_validation():
   with pytest.raises(ValueError, match='early_stopping'):
     S.BeamSearch(early_stopping='sometimes')
   with pytest.raises(ValueError, match='unknown decoding method'):
-    S.method_from_name('nucleus')
+    D.method_from_name('nucleus')
   # Fields of the other methods are passed over (a caller holds every method's settings).
-  assert S.method_from_name('beam', num_beams=2, temperature=0.7) == S.BeamSearch(2)
-  assert S.method_from_name('sample', temperature=0.7, num_beams=2) == S.Sample(0.7)
-  assert S.method_from_name('greedy', top_k=3) == S.GREEDY
+  assert D.method_from_name('beam', num_beams=2, temperature=0.7) == S.BeamSearch(2)
+  assert D.method_from_name('sample', temperature=0.7, num_beams=2) == S.Sample(0.7)
+  assert D.method_from_name('greedy', top_k=3) == S.GREEDY
 
 
 # -- sharding and the compiled loop ------------------------------------------------------------

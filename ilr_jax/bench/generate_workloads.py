@@ -22,8 +22,8 @@ from ilr_jax.bench.harness import (
   layer_matmul_params,
   workload,
 )
+from ilr_jax.decoding import BeamSearch, Greedy, Method, Sample
 from ilr_jax.model import ModelConfig
-from ilr_jax.sampler import BeamSearch, Greedy, Sample
 
 # HBM bandwidth in bytes/s by device kind (substring of jax's device_kind).
 HBM_BYTES_PER_S = {'H100': 3.35e12, 'H200': 4.8e12, 'A100': 2.0e12}
@@ -42,7 +42,7 @@ def decode_bound(cfg: ModelConfig, prompts: int, rows: int, prompt: int, new: in
   return prompts / ((weights + cache) * itemsize / bw)
 
 
-def generate_case(ctx: BenchContext, method: sampler_lib.Method, prompts: int) -> Case:
+def generate_case(ctx: BenchContext, method: Method, prompts: int) -> Case:
   b, p = ctx.batch or prompts, ctx.seq_len or 64
   m = p
   tokens = ctx.tokens(b, p)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import transformers
 
 from ilr_jax import convert
-from ilr_jax import sampler as sampler_lib
+from ilr_jax.decoding import BeamSearch, Sample
 from ilr_jax.model import ModelConfig
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
@@ -149,9 +149,9 @@ def generate(
   model = causal_lm(cfg, seed).eval()
   ids = torch.as_tensor(tokens_BP, dtype=torch.long, device=device())
   mask = torch.ones_like(ids)
-  if isinstance(method, sampler_lib.Sample):
+  if isinstance(method, Sample):
     kw = dict(do_sample=True, temperature=method.temperature, top_k=0, top_p=method.top_p)
-  elif isinstance(method, sampler_lib.BeamSearch):
+  elif isinstance(method, BeamSearch):
     kw = dict(
       do_sample=False,
       num_beams=method.num_beams,
