@@ -143,6 +143,17 @@ def _prefill_logits(
   return model.logits(h[:, -1], head_DV), cache, kv_mask
 
 
+def _step_logits(model: Decoder, head_DV, layers, s, last_R: Array, slot: Array):
+  """One decode step of every row: its last token `last_R` into cache slot `slot`; returns
+  (logits [R, V], new cache, new kv_mask) for a state `s` with positions_R, kv_mask_RS, cache."""
+  ones = jnp.ones((s.kv_mask_RS.shape[0], 1), jnp.int32)
+  kv_mask = jax.lax.dynamic_update_slice(s.kv_mask_RS, ones, (0, slot))
+  h, cache = model.decode_hidden(
+    last_R[:, None], s.positions_R[:, None], s.cache, slot, kv_mask, layers
+  )
+  return model.logits(h[:, 0], head_DV), cache, kv_mask
+
+
 def _repeat_rows(x: Array, n: int, axis: int = 0) -> Array:
   return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
@@ -208,15 +219,8 @@ def _sample_decode(graphdef, weights, state: SamplingState, *, spec: _Spec) -> S
     return (s.step < m) & ~jnp.all(s.done_R)
 
   def body(s: SamplingState) -> SamplingState:
-    slot = prompt_len + s.step - 1
     last = jax.lax.dynamic_index_in_dim(s.tokens_RM, s.step - 1, axis=1, keepdims=False)
-    kv_mask = jax.lax.dynamic_update_slice(
-      s.kv_mask_RS, jnp.ones((s.kv_mask_RS.shape[0], 1), jnp.int32), (0, slot)
-    )
-    h, cache = model.decode_hidden(
-      last[:, None], s.positions_R[:, None], s.cache, slot, kv_mask, layers
-    )
-    logits = model.logits(h[:, 0], head)
+    logits, cache, kv_mask = _step_logits(model, head, layers, s, last, prompt_len + s.step - 1)
     u = None
     if isinstance(spec.method, Sample):
       u = jax.lax.dynamic_index_in_dim(s.uniforms_RM, s.step, axis=1, keepdims=False)
@@ -377,15 +381,10 @@ def _beam_decode(graphdef, weights, state: BeamState, *, spec: _Spec) -> BeamSta
     # first (before this step writes its slot, so the gather reads the loop-carried buffers and
     # writes back into them in place; after the write XLA would copy every cache each step).
     s = dataclasses.replace(s, cache=_reorder_cache(s.cache, s.parent_BN, prompt_len))
-    slot = prompt_len + s.step - 1
     last = jax.lax.dynamic_index_in_dim(s.running_BNM, s.step - 1, axis=2, keepdims=False)
-    kv_mask = jax.lax.dynamic_update_slice(
-      s.kv_mask_RS, jnp.ones((s.kv_mask_RS.shape[0], 1), jnp.int32), (0, slot)
+    logits, cache, kv_mask = _step_logits(
+      model, head, layers, s, last.reshape(-1), prompt_len + s.step - 1
     )
-    h, cache = model.decode_hidden(
-      last.reshape(-1, 1), s.positions_R[:, None], s.cache, slot, kv_mask, layers
-    )
-    logits = model.logits(h[:, 0], head)
     s = dataclasses.replace(s, positions_R=s.positions_R + 1, kv_mask_RS=kv_mask)
     s, parent = _beam_step(s, logits, method, spec)
     return dataclasses.replace(s, cache=cache, parent_BN=parent)
