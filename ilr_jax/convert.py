@@ -411,14 +411,6 @@ def load_hf(
 # -- export ------------------------------------------------------------------------------------
 
 
-def _host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -> None:
   """Write `model` as an HF directory (config.json + safetensors) that transformers loads.
 
@@ -451,7 +443,7 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -
     cache_path, cache = None, None
     for (path_, i), (n, _, _) in zip(order, specs):
       if path_ != cache_path:
-        cache_path, cache = path_, _host(flat[path_][...])
+        cache_path, cache = path_, shd.to_host(flat[path_][...])
       one = cache if i is None else cache[i]
       yield n, np.asarray(pmap[path_][2](one))
 

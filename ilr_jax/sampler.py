@@ -572,24 +572,16 @@ class Sampler:
     return _outputs(state, spec, b)
 
 
-def _host(x: Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _outputs(state, spec: _Spec, b: int) -> SampleOutput:
   if isinstance(state, BeamState):
-    tokens = _host(state.finished_BNM[:, :1])
-    lengths = _host(state.finished_len_BN[:, :1])
-    scores = _host(state.finished_scores_BN[:, :1])
+    tokens = shd.to_host(state.finished_BNM[:, :1])
+    lengths = shd.to_host(state.finished_len_BN[:, :1])
+    scores = shd.to_host(state.finished_scores_BN[:, :1])
   else:
     n = spec.num_samples
-    tokens = _host(state.tokens_RM).reshape(b, n, -1)
-    lengths = _host(state.lengths_R).reshape(b, n)
-    scores = _host(state.scores_R).reshape(b, n) if spec.scores else None
+    tokens = shd.to_host(state.tokens_RM).reshape(b, n, -1)
+    lengths = shd.to_host(state.lengths_R).reshape(b, n)
+    scores = shd.to_host(state.scores_R).reshape(b, n) if spec.scores else None
   last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
   stopped = np.isin(last, np.asarray(spec.stop_ids, np.int32)) & (lengths > 0)
   return SampleOutput(tokens=tokens, lengths=lengths, scores=scores, stopped=stopped)

@@ -149,6 +149,16 @@ def put(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of a placed array as numpy, on every process (gathered across hosts on a
+  multi-host slice, where no process holds all the shards)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, batch_axis: int = 0) -> dict:
   """Place a dict of host arrays with dimension `batch_axis` split over data x fsdp."""
   n = batch_size_multiple(mesh)
