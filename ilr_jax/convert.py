@@ -397,8 +397,7 @@ def load_hf(
   st = SafetensorsDir(path)
   _check(cfg, st)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-  if mesh is None:
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
   shardings = _flat(shd.state_shardings(abstract, mesh, rules))
   flat = _flat(abstract)
   pmap = param_map(cfg)
@@ -419,14 +418,6 @@ def load_hf(
 
 
 # -- export ------------------------------------------------------------------------------------
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -> None:
@@ -461,7 +452,7 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -
     cache_path, cache = None, None
     for (path_, i), (n, _, _) in zip(order, specs):
       if path_ != cache_path:
-        cache_path, cache = path_, _host(flat[path_][...])
+        cache_path, cache = path_, shd.to_host(flat[path_][...])
       one = cache if i is None else cache[i]
       yield n, np.asarray(pmap[path_][2](one))
 
@@ -542,8 +533,7 @@ def load_checkpoint(
     raise CheckpointError(f'{path} is not an ilr_jax checkpoint (no {MODEL_CONFIG} or params/)')
   cfg = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG).read_text())).replace(**overrides)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-  if mesh is None:
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
   shardings = shd.state_shardings(abstract, mesh, rules)
   target = jax.tree.map(
     lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),

@@ -317,13 +317,10 @@ def _sft_examples(run: Run, role: str, questions, answers):
 
 def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> list[list[str]]:
   """Answers per question (a list of num_samples texts each) with the task's decoding for `use`."""
-  from ilr_jax import generate, sampler
+  from ilr_jax import decoding, generate
 
   d = run.task.decoding[use]
-  if d.method == 'beam':
-    method = sampler.BeamSearch(num_beams=d.num_beams)
-  else:
-    method = sampler.Sample(temperature=d.temperature)
+  method = decoding.method_from_name(d.method, temperature=d.temperature, num_beams=d.num_beams)
   result = generate.generate_answers(
     model,
     run.tok(role),
@@ -337,8 +334,7 @@ def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> li
     desc=f'{stage} ({use})',
     scores=False,  # only the texts are used
   )
-  texts = result.texts
-  return [t if isinstance(t, list) else [t] for t in texts]
+  return result.texts
 
 
 def _evaluate(run: Run, model, role: str, stage: str) -> dict:
