@@ -326,9 +326,10 @@ def sample_checkpoints(
       progress=progress,
       scores=False,  # graded by their texts
     )
-    samples.append(list(result.texts))
+    texts = [answers[0] for answers in result.texts]  # one sample per question
+    samples.append(texts)
     if grade:
-      grades = np.asarray(task.grade_batch(result.texts, list(examples)).scores, np.float64)
+      grades = np.asarray(task.grade_batch(texts, list(examples)).scores, np.float64)
       correct.append([bool(g > 0.5) for g in grades])
       log.info('checkpoint %d (%s): %.1f%% of samples correct', i, path, 100 * grades.mean())
     else:
