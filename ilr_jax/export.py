@@ -137,13 +137,16 @@ def export_labels(workdir, stage: str, out_dir) -> pathlib.Path:
   return out
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'the run workdir')
-_STAGE = flags.DEFINE_string('stage', None, "a model stage (e.g. 'ilr/r6/model') or 'final'")
-_LABELS = flags.DEFINE_string('labels', None, "a label-set stage (e.g. 'ilr/r6/labels') or 'final'")
-_METHOD = flags.DEFINE_string('method', None, "with 'final': the method whose last round to take")
-_OUT = flags.DEFINE_string('out', None, 'the folder to write')
-_DTYPE = flags.DEFINE_string('dtype', None, 'dtype of the export (default: the run config)')
-
+def _define_flags() -> None:
+  """The CLI's flags, defined only when run as a program: the library import defines none, so it
+  can share a process with ilr_jax.main (whose --workdir would clash)."""
+  global _WORKDIR, _STAGE, _LABELS, _METHOD, _OUT, _DTYPE
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'the run workdir')
+  _STAGE = flags.DEFINE_string('stage', None, "a model stage (e.g. 'ilr/r6/model') or 'final'")
+  _LABELS = flags.DEFINE_string('labels', None, "a label-set stage (e.g. 'ilr/r6/labels') or 'final'")
+  _METHOD = flags.DEFINE_string('method', None, "with 'final': the method whose last round to take")
+  _OUT = flags.DEFINE_string('out', None, 'the folder to write')
+  _DTYPE = flags.DEFINE_string('dtype', None, 'dtype of the export (default: the run config)')
 
 def main(argv) -> None:
   if len(argv) > 1:
@@ -169,4 +172,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
