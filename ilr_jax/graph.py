@@ -168,12 +168,12 @@ def build(config) -> Graph:
 def final_stages(m: methods_lib.Method, num_rounds: int) -> tuple[str, str]:
   """(label-set stage, model stage) of a method's last round."""
   labels, model = D0_STAGES[m.d0]
+  if not (num_rounds and m.has_rounds):
+    return labels, model
   r = f'{m.name}/r{num_rounds}'
-  if num_rounds and m.family == 'ilr':
+  if m.family == 'ilr':
     return f'{r}/labels', f'{r}/model'
-  if num_rounds and m.family == 'dpo':
-    return labels, f'{r}/policy'
-  return labels, model
+  return labels, f'{r}/policy'  # SFT+DPO trains on pairs: its label set stays D0
 
 
 def _scorer_after(m: methods_lib.Method) -> tuple[str, ...]:
