@@ -150,6 +150,7 @@ class Run:
       config=config,
       workdir=self.wd.path(stage, 'fit'),
       mesh=self.mesh,
+      after_save=self.wd.fit_hook(stage),
       **options,
     )
 
@@ -181,7 +182,7 @@ class Run:
       desc=f'{stage} ({use})',
       scores=False,  # only the texts are used
     )
-    return [t if isinstance(t, list) else [t] for t in result.texts]
+    return result.texts
 
   def correct(self, answers, examples) -> list[bool]:
     """Per answer, whether it is right (tasks.Graded.correct)."""

@@ -74,6 +74,21 @@ def comparison_dataset(
     )
     for j in range(n)
   ]
+  return pairs_dataset(questions, pairs, ids=ids, seed=seed, val_frac=val_frac)
+
+
+def pairs_dataset(
+  questions: Sequence[str],
+  pairs: Sequence[Sequence[comparisons.Pair]],
+  *,
+  ids: Sequence[str],
+  seed: int = 0,
+  val_frac: float = 0.1,
+  kinds: Sequence[str] = comparisons.PAIR_KINDS,
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+  """The classification dataset and counts of `comparison_dataset` from pairs[j] of question j
+  (90/10 split over questions; every kind of `kinds` counted)."""
+  n = len(questions)
   splits, counts = {}, {}
   for name, idx in zip(('train', 'validation'), comparisons.train_val_split(n, val_frac, seed)):
     rows = []
@@ -87,7 +102,7 @@ def comparison_dataset(
           )
     split_pairs = [p for j in idx for p in pairs[j]]
     counts[name] = dict(
-      comparisons.pair_kind_counts(split_pairs),
+      comparisons.pair_kind_counts(split_pairs, kinds),
       pairs=len(split_pairs),
       examples=len(rows),
       questions=len(idx),
@@ -139,8 +154,11 @@ def sample_checkpoints(
   mesh: Mesh | None = None,
   out_dir: str | os.PathLike | None = None,
   progress: bool = True,
+  grade: bool = True,
 ) -> tuple[list[list[str]], list[list[bool]]]:
   """One sampled answer per question from each checkpoint, graded against ground truth.
+
+  With `grade=False` nothing is graded (SaferPaca's evaluator data) and every correct[i] is None.
 
   Checkpoint i samples with seed `seed + i` and the task's 'evaluator_data' decoding (temperature
   0.6) unless `temperature` / `max_new_tokens` are given; correct is tasks.Graded.correct. With
@@ -185,10 +203,14 @@ def sample_checkpoints(
       progress=progress,
       scores=False,  # graded by their texts
     )
-    graded = task.grade_batch(result.texts, list(examples))
-    samples.append(list(result.texts))
-    correct.append(graded.correct.tolist())
-    log.info('checkpoint %d (%s): %.1f%% of samples correct', i, path, 100 * graded.mean())
+    texts = [answers[0] for answers in result.texts]  # one sample per question
+    samples.append(texts)
+    if grade:
+      graded = task.grade_batch(texts, list(examples))
+      correct.append(graded.correct.tolist())
+      log.info('checkpoint %d (%s): %.1f%% of samples correct', i, path, 100 * graded.mean())
+    else:
+      correct.append(None)
     if saved is not None and wd.is_writer():
       wd.write_json(
         saved,

@@ -89,6 +89,10 @@ class Graph:
     return [n.stage for n in self.nodes.values()]
 
 
+# The round-0 (label-set stage, model stage) of each methods.D0 choice.
+D0_STAGES = {'weak': ('weak_labels', 'sft'), 'correct': ('cor/labels', 'cor/sft')}
+
+
 def _base_after(config, role: str) -> tuple[str, ...]:
   from ilr_jax.context import pretrain_stage
 
@@ -135,7 +139,7 @@ def build(config) -> Graph:
     )
   base = _base_after(config, 'student')
   # Round 0 of every method; SFT's row is always reported, the reference of every other row.
-  d0 = {'weak': ('weak_labels', 'sft'), 'correct': ('cor/labels', 'cor/sft')}
+  d0 = D0_STAGES
   shown = [methods_lib.get('sft')] + [m for m in run_methods if m.name != 'sft']
   for m in shown:
     labels, model = d0[m.d0]
@@ -159,6 +163,17 @@ def build(config) -> Graph:
           'evaluator', m.name, k, optional=('evaluator_accuracy',), wall=False, needed=False
         )
   return g
+
+
+def final_stages(m: methods_lib.Method, num_rounds: int) -> tuple[str, str]:
+  """(label-set stage, model stage) of a method's last round."""
+  labels, model = D0_STAGES[m.d0]
+  if not (num_rounds and m.has_rounds):
+    return labels, model
+  r = f'{m.name}/r{num_rounds}'
+  if m.family == 'ilr':
+    return f'{r}/labels', f'{r}/model'
+  return labels, f'{r}/policy'  # SFT+DPO trains on pairs: its label set stays D0
 
 
 def _scorer_after(m: methods_lib.Method) -> tuple[str, ...]:

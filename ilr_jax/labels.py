@@ -10,7 +10,7 @@ import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from ilr_jax.workdir import atomic_dir, is_writer
+from ilr_jax.workdir import atomic_dir, is_writer, load
 
 LABEL_COLUMNS = (
   'id',
@@ -100,8 +100,8 @@ def load_label_set(path: str | os.PathLike) -> dict[str, list]:
   """A saved label set as a dict of column lists (NaN scores as float('nan'))."""
   import datasets
 
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f'label set {path} does not exist')
-  ds = datasets.load_from_disk(os.fspath(path))
-  return {c: ds[c] for c in ds.column_names}
+  def read(p: pathlib.Path) -> dict[str, list]:
+    ds = datasets.load_from_disk(os.fspath(p))
+    return {c: ds[c] for c in ds.column_names}
+
+  return load(path, read, 'label set')

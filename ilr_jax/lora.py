@@ -5,8 +5,9 @@ The adapter lives in the model itself (model.Linear creates `lora_a` [.., in, R]
 whose config names the rank, alpha and targets. The layer computes W x + (alpha / R) B(A x).
 
   * `add_lora(model, rank, alpha, targets, rng)`: the same base parameters (the arrays are reused,
-    not copied) plus a fresh adapter: A kaiming-uniform as PEFT, B zero, so the new model's outputs
-    equal the base model's. The adapter is created already sharded.
+    not copied) plus a fresh adapter: A from PEFT's kaiming_uniform(a=sqrt(5)), i.e.
+    U(+-1/sqrt(fan_in)), B zero, so the new model's outputs equal the base model's. The adapter
+    is created already sharded.
   * `merge_lora(model)`: W + (alpha / R) A @ B for every adapted kernel; the result has
     `lora_rank=0` and exports to Hugging Face like any base model.
   * `trainable_filter(cfg)` / `split_trainable(model)`: with an adapter only the LoRAParams train
@@ -31,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from ilr_jax import sharding as shd
-from ilr_jax.model import LORA_TARGETS, Decoder
+from ilr_jax.model import LORA_TARGETS, Decoder, lora_a_bound
 
 LORA_NAMES = ('lora_a', 'lora_b')
 
@@ -65,15 +66,6 @@ def split_trainable(model: Decoder) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
   return nnx.split(model, trainable_filter(model.cfg), ...)
 
 
-def _model_mesh(model: Decoder, mesh):
-  if mesh is not None:
-    return mesh
-  found = shd.mesh_of(nnx.state(model))
-  if found is not None:
-    return found
-  return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
-
 def add_lora(
   model: Decoder,
   rank: int,
@@ -104,12 +96,12 @@ def add_lora(
   cfg = model.cfg.replace(
     lora_rank=int(rank), lora_alpha=float(alpha), lora_targets=resolve_targets(targets)
   )
-  mesh = _model_mesh(model, mesh)
+  mesh = shd.model_mesh(model, mesh)
 
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_lora, _ = nnx.split(abstract, nnx.LoRAParam, ...)
   shardings = shd.state_shardings(abstract_lora, mesh, rules)
-  # Drawn on the host: A ~ U(+-sqrt(3 / fan_in)) as model.Linear and PEFT do, B = 0, then each
+  # Drawn on the host: A ~ U(+-1/sqrt(fan_in)) as model.Linear and PEFT do, B = 0, then each
   # array is placed straight into its sharding (every process draws the same values, so this
   # holds on multi-host slices too; no initialiser is compiled).
   gen = np.random.default_rng(rng)
@@ -118,7 +110,7 @@ def add_lora(
   for path, var in nnx.to_flat_state(abstract_lora):
     if path[-1] == 'lora_a':
       lead = 1 if (var.get_metadata().get('out_sharding') or (None,))[0] == 'layers' else 0
-      bound = math.sqrt(3.0 / math.prod(var.shape[lead:-1]))
+      bound = lora_a_bound(math.prod(var.shape[lead:-1]))
       value = gen.uniform(-bound, bound, var.shape).astype(np.float32)
     else:
       value = np.zeros(var.shape, np.float32)
@@ -144,7 +136,7 @@ def merge_lora(model: Decoder, *, mesh=None, rules=shd.TRAIN_RULES) -> Decoder:
   if not cfg.lora_rank:
     raise ValueError('the model has no LoRA adapter to merge')
   new_cfg = cfg.replace(lora_rank=0, lora_alpha=0.0)
-  mesh = _model_mesh(model, mesh)
+  mesh = shd.model_mesh(model, mesh)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(new_cfg, rngs=nnx.Rngs(0))))
   shardings = shd.state_shardings(abstract, mesh, rules)
   scale = cfg.lora_scale
@@ -164,9 +156,3 @@ def merge_lora(model: Decoder, *, mesh=None, rules=shd.TRAIN_RULES) -> Decoder:
 
   state = jax.jit(merge, out_shardings=shardings)(nnx.state(model))
   return nnx.merge(graphdef, state)
-
-
-def num_trainable(model: Decoder) -> int:
-  """Number of trainable parameters (the adapter's under LoRA)."""
-  _, trainable, _ = split_trainable(model)
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))

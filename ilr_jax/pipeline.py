@@ -13,13 +13,18 @@ import os
 import time
 
 from ilr_jax import graph, report
-from ilr_jax import methods as methods_lib
-from ilr_jax.schema import validate
+from ilr_jax.schema import NO_RESULT_KEYS, validate
 from ilr_jax.workdir import Workdir, is_writer, sync, write_json
 
 
-def check_workdir(config, workdir: str, recompute_changed: bool = False) -> Workdir:
-  """Build the stage plan and compare it with what the workdir holds; no work is done.
+def plan(config):
+  """Every stage of the configured run, upstream before downstream (graph.plan)."""
+  return graph.plan(config)
+
+
+def check_workdir(config, workdir: str, recompute_changed: bool = False, redo: str = '') -> Workdir:
+  """Build the stage plan and compare it with what the workdir holds; no work is done, except
+  that `redo` forgets that stage and everything downstream of it first.
 
   Returns the Workdir. Raises ConfigChangedError naming a changed key (see workdir.py).
   """
@@ -29,22 +34,23 @@ def check_workdir(config, workdir: str, recompute_changed: bool = False) -> Work
     graph.plan(config),
     recompute_changed=recompute_changed,
     kill_at=config.debug.kill_at,
+    ignore=NO_RESULT_KEYS,
   )
+  if redo:
+    wd.redo(redo)
   wd.check()
   return wd
 
 
-def _execute(config, wd: Workdir) -> None:
+def _execute(runner, wd: Workdir) -> None:
   """Run every unfinished stage of the graph, upstream first.
 
   A stage waiting for human verdicts (feedback.AwaitingAnnotations) holds back the stages that
   read it; the others still run, and then one AwaitingAnnotations names every waiting stage.
   """
-  from ilr_jax.context import Run
   from ilr_jax.feedback import AwaitingAnnotations
 
-  nodes = graph.build(config).nodes
-  runner = Run(config, wd)
+  nodes = graph.build(runner.config).nodes
   waiting, held = [], set()
   for name in wd.stages:
     if wd.done(name):
@@ -92,10 +98,16 @@ def run(config, workdir: str, recompute_changed: bool = False) -> str:
     write_json(wd.root / 'config.json', config.to_dict())
   if config.compile_cache:
     _enable_compile_cache(config.compile_cache_dir or wd.root / 'jax_cache')
-  _execute(config, wd)
-  rows = graph.results(config, wd)
-  names = [m.name for m in methods_lib.of_config(config)]
-  title = f'{config.task.name}: {", ".join(names)} (seed {config.seed})'
+  from ilr_jax import lengths
+  from ilr_jax.context import Run
+
+  runner = Run(config, wd)
+  splits = {'train': runner.train, 'test': runner.test}
+  lengths.check_max_len(config, splits, runner.tok, runner.task.decoding['label'].max_new_tokens)
+  _execute(runner, wd)
+  rows = report.with_other_methods(wd.root / 'results.jsonl', graph.results(config, wd))
+  methods = dict.fromkeys(r['method'] for r in rows if r['method'] not in ('supervisor', 'sft'))
+  title = f'{config.task.name}: {", ".join(methods) or "sft"} (seed {config.seed})'
   table = ''
   if is_writer():
     table = report.write_report(wd.root, rows, title=title)

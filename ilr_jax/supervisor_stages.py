@@ -120,6 +120,10 @@ def evaluator_data(run: Run) -> dict:
   from ilr_jax import evaluator_data as data_lib
   from ilr_jax import fit
 
+  if run.task.name == 'saferpaca':  # its own pairs: general-only and safety-only models
+    from ilr_jax import saferpaca_evaluator
+
+    return saferpaca_evaluator.stage_evaluator_data(run)
   stage, et = 'evaluator_data', run.config.evaluator_train
   snapshots = fit.fit_checkpoints(run.wd.path('supervisor', 'fit'))
   if len(snapshots) != et.num_checkpoints:

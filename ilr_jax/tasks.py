@@ -58,7 +58,7 @@ class Example:
 class Decoding:
   """How to decode for one use: beam search (num_beams) or sampling (temperature, num_samples).
 
-  `method` is a name of sampler.parse_method ('beam' or 'sample' here).
+  `method` is a name of decoding.METHODS ('beam' or 'sample' here).
   """
 
   method: str
@@ -68,12 +68,12 @@ class Decoding:
   num_samples: int = 1
 
   def sampler_method(self):
-    """The sampler's method object of this decoding."""
-    from ilr_jax import sampler
+    """The sampler's method object of this decoding (decoding.method_from_name)."""
+    from ilr_jax import decoding
 
-    if self.method == 'beam':
-      return sampler.parse_method('beam', num_beams=self.num_beams)
-    return sampler.parse_method(self.method, temperature=self.temperature)
+    return decoding.method_from_name(
+      self.method, temperature=self.temperature, num_beams=self.num_beams
+    )
 
 
 def _decodings(max_new_tokens: int, label_sampling: float | None, dpo_temperature: float):
@@ -173,7 +173,7 @@ class Task(abc.ABC):
   # --- loading ---
   def _source_rows(self, split: str) -> list[dict[str, Any]]:
     if self.data_dir is not None:
-      dd = datasets.load_from_disk(os.fspath(self.data_dir))
+      dd = self._load_data_dir()
       if split not in dd:
         raise KeyError(f'{self.name}: no split {split!r} in {self.data_dir} (has {list(dd)})')
       return dd[split].to_list()
@@ -183,6 +183,21 @@ class Task(abc.ABC):
       f'{self.name}: no data source; set --config.task.data_dir (a datasets.save_to_disk folder, '
       'see data/README.md) or --config.task.hub_id on a machine with internet'
     )
+
+  def _load_data_dir(self) -> datasets.DatasetDict:
+    where = f'{self.name}: --config.task.data_dir {self.data_dir}'
+    try:
+      dd = datasets.load_from_disk(os.fspath(self.data_dir))
+    except FileNotFoundError as e:
+      raise ValueError(f'{where} is not a datasets.save_to_disk folder ({e})') from None
+    except IndexError:  # what datasets raises loading a split saved with 0 rows
+      raise ValueError(f'{where} holds a split with 0 rows; every split needs rows') from None
+    if not isinstance(dd, datasets.DatasetDict):
+      raise ValueError(
+        f'{where} holds one {type(dd).__name__} of {len(dd)} rows, not a DatasetDict of splits; '
+        "save it as datasets.DatasetDict({'train': ..., 'test': ...})"
+      )
+    return dd
 
   def _example(self, row: Mapping[str, Any], id_: str) -> Example | str:
     """The row as an Example, or the reason it is bad."""

@@ -91,6 +91,11 @@ class Tokenizer:
     """Token ids of `text`, without special tokens."""
     return list(self._encode(text))
 
+  def encode_with_bos(self, text: str) -> list[int]:
+    """[BOS] + encode(text), without the BOS where the tokenizer has none: how every sequence
+    the models see starts."""
+    return encode_with_bos(self, text)
+
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`, special tokens dropped."""
     return self._decode(ids)

@@ -244,7 +244,7 @@ def test_human_feedback_run_waits_validates_and_continues(judged):
   assert r.returncode == 3 and f'1 of {len(rows)} comparisons have no verdict' in r.stdout
   _verdicts(out, rows + [{'id': 'nope'}], lambda r: 'A')
   r = _main(wd, '--config.feedback.source=human')
-  assert r.returncode == 1 and "unknown id 'nope'" in r.stderr
+  assert r.returncode == 2 and "unknown id 'nope'" in r.stderr
   # The annotator prefers the proposal where its id's first hex digit is even.
   prefer = {r['id']: int(r['id'][0], 16) % 2 == 0 for r in rows}
   other = {'A': 'B', 'B': 'A'}
