@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ilr_jax import attention as attention_lib
+
 Array = jax.Array
 
 ARCHS = ('gemma', 'mistral', 'llama')
@@ -79,6 +81,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   dtype: str = 'float32'  # compute dtype; logits and softmax are always float32
   remat: str = 'none'  # 'none', 'full' (recompute each layer), 'dots' (save matmul outputs)
+  attention: str = 'auto'  # training / scoring attention: 'auto', 'xla', 'cudnn', 'einsum'
   scan_layers: bool = True
   lora_rank: int = 0
   lora_alpha: float = 0.0
@@ -93,6 +96,10 @@ class ModelConfig:
       )
     if self.activation not in ('silu', 'gelu_tanh'):
       raise ValueError(f'unsupported activation {self.activation!r}')
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(
+        f'attention must be one of {attention_lib.IMPLEMENTATIONS}, got {self.attention!r}'
+      )
     if self.remat not in ('none', 'full', 'dots'):
       raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
     for name in ('param_dtype', 'dtype'):
@@ -253,17 +260,8 @@ def attention_mask(
   return mask
 
 
-def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Array:
-  """Grouped-query attention (K kv heads shared by G = N // K query heads), float32 softmax."""
-  b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  logits = logits * (h**-0.5)
-  logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v_BSKH)
-  return out.reshape(b, t, n, h)
+# The reference einsum attention; the kv-first decode paths always use it (sampler numerics).
+attend = attention_lib.attend_einsum
 
 
 def attend_kv_first(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array) -> Array:
@@ -310,6 +308,7 @@ class Block(nnx.Module):
     self.down = lin((f,), (d,), ('mlp', 'embed'), lora='down' in lora)
     self.activation = cfg.activation
     self.sliding_window = cfg.sliding_window
+    self.attention = cfg.attention
 
   def __call__(
     self,
@@ -322,6 +321,7 @@ class Block(nnx.Module):
     kv_first=False,
     last_only=False,
     empty_cache=False,
+    at_B=None,
   ):
     """One layer. With `kv` (this layer's cache) the new keys/values are written into it at
     `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
@@ -337,6 +337,9 @@ class Block(nnx.Module):
     With `empty_cache` (kv-first only; the cache holds nothing before `cache_index` = 0) attention
     runs over the T new keys and values themselves rather than the whole cache: only they can be
     valid, so that is half of a prefill's attention when M new tokens follow a prompt of T.
+
+    With `at_B` (no cache) keys and values cover every position but the rest of the layer runs
+    for position at_B[b] of each row only: x comes back [B, 1, D] (a score read at one token).
     """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
@@ -363,7 +366,12 @@ class Block(nnx.Module):
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
         kv = (k, v)
-      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
+      if at_B is not None:
+        pick = lambda a: jnp.take_along_axis(a, at_B.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)
+        q, x_BTD, mask_BTS = pick(q), pick(x_BTD), pick(mask_BTS)
+      attn = attention_lib.attend(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, self.attention
+      )
     x_BTD = x_BTD + self.o(attn)
     y = self.mlp_norm(x_BTD)
     gate = self.gate(y)
@@ -440,20 +448,36 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), dtype)
     return x
 
-  def _run_layers(self, x, q_pos_BT, mask_BTS, cache=None, cache_index=None):
+  def _run_layers(self, x, q_pos_BT, mask_BTS, cache=None, cache_index=None, at_B=None):
+    """The L layers and the final norm. With `at_B` (no cache) the last layer runs for position
+    at_B[b] of each row only (Block), and the result is [B, 1, D]."""
     cfg = self.cfg
     inv_freq = rope_frequencies(cfg)
     graphdef, stacked = nnx.split(self.layers)
 
-    def layer(x, layer_state, kv):
+    def layer(x, layer_state, kv, at_B=None):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, q_pos_BT, mask_BTS, inv_freq, kv, cache_index)
+      return block(x, q_pos_BT, mask_BTS, inv_freq, kv, cache_index, at_B=at_B)
 
     if cfg.remat != 'none':
       policy = None
       if cfg.remat == 'dots':
         policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+
+    if at_B is not None:
+      if cache is not None:
+        raise ValueError('at_B runs without a cache')
+      # The first L - 1 layers as usual, then the last one at the read positions only.
+      first = jax.tree.map(lambda p: p[:-1], stacked)
+      last = jax.tree.map(lambda p: p[-1], stacked)
+      if cfg.num_layers > 1 and cfg.scan_layers:
+        x, _ = jax.lax.scan(lambda x, s: layer(x, s, None), x, first)
+      else:
+        for i in range(cfg.num_layers - 1):
+          x, _ = layer(x, jax.tree.map(lambda p, i=i: p[i], first), None)
+      x, _ = layer(x, last, None, at_B)
+      return self.final_norm(x), None
 
     kv_all = None if cache is None else (cache['k'], cache['v'])
     if cfg.scan_layers:
@@ -478,9 +502,17 @@ class Decoder(nnx.Module):
   # -- public API -------------------------------------------------------------------------------
 
   def hidden(
-    self, tokens_BT: Array, mask_BT: Array | None = None, positions_BT: Array | None = None
+    self,
+    tokens_BT: Array,
+    mask_BT: Array | None = None,
+    positions_BT: Array | None = None,
+    at_B: Array | None = None,
   ) -> Array:
-    """Final-norm hidden states [B, T, D] of a padded batch (no cache)."""
+    """Final-norm hidden states [B, T, D] of a padded batch (no cache).
+
+    With `at_B` (int [B]) only position at_B[b] of each row, [B, 1, D]: the last layer then runs
+    its attention and MLP at that position only (the score head's read; equal to slicing the
+    full result, to float rounding)."""
     b, t = tokens_BT.shape
     if mask_BT is None:
       mask_BT = jnp.ones((b, t), jnp.int32)
@@ -490,7 +522,7 @@ class Decoder(nnx.Module):
     mask_BTS = attention_mask(
       slots, slots, positions_BT, positions_BT, mask_BT.astype(bool), self.cfg.sliding_window
     )
-    h, _ = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS)
+    h, _ = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS, at_B=at_B)
     return h
 
   def logits(self, h: Array, tied_head_DV: Array | None = None) -> Array:
@@ -524,9 +556,7 @@ class Decoder(nnx.Module):
       raise ValueError('this model has an LM head, not a score head (set num_labels)')
     if mask_BT is None:
       mask_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-    h_BTD = self.hidden(tokens_BT, mask_BT)
-    last = last_token_index(mask_BT)
-    h_BD = jnp.take_along_axis(h_BTD, last[:, None, None], axis=1)[:, 0]
+    h_BD = self.hidden(tokens_BT, mask_BT, at_B=last_token_index(mask_BT))[:, 0]
     return self.score_head(h_BD).astype(jnp.float32)
 
   def decode(
