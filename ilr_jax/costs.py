@@ -114,7 +114,8 @@ def vocab_buffers(hlo_text: str, positions: int, vocab: int) -> int:
 
 
 def analyse(lowered, positions: int, vocab: int) -> dict:
-  """flops, peak_bytes, temp_bytes and vocab_buffers of a lowered computation, compiled."""
+  """flops, peak_bytes, temp_bytes, vocab_buffers and the optimised HLO text ('hlo') of a
+  lowered computation, compiled."""
   compiled = lowered.compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, list):  # older jax returns one dict per computation
@@ -131,6 +132,7 @@ def analyse(lowered, positions: int, vocab: int) -> dict:
     'peak_bytes': int(peak),
     'temp_bytes': int(mem.temp_size_in_bytes),
     'vocab_buffers': vocab_buffers(compiled.as_text(), positions, vocab),
+    'hlo': compiled.as_text(),
   }
 
 
@@ -168,6 +170,7 @@ def workload_costs(
     out['flops'] += ref['flops']
     out['peak_bytes'] = max(out['peak_bytes'], ref['peak_bytes'])
     out['vocab_buffers'] += ref['vocab_buffers']
+    out['hlo'] += ref['hlo']
   return out
 
 
@@ -188,6 +191,7 @@ def main(argv: Sequence[str]) -> None:
     default_t = 192 if name == 'classify_batched' else 128
     b, t = FLAGS.batch or (16 if name == 'classify_batched' else 8), FLAGS.seq_len or default_t
     out = workload_costs(cfg, name, b, t, FLAGS.lora_rank)
+    del out['hlo']
     rec = {'name': name, 'shape': FLAGS.shape, 'arch': FLAGS.arch, 'dtype': FLAGS.dtype}
     rec.update({'batch': b, 'seq_len': t, 'lora_rank': FLAGS.lora_rank, **out})
     print(json.dumps(rec), flush=True)
