@@ -5,7 +5,8 @@ are `jax.ShapeDtypeStruct`s from `nnx.eval_shape`), so real shapes (gemma-2b at 
 analysed on a laptop:
 
   python -m ilr_jax.costs --shape=bench-small --arch=mistral
-  python -m ilr_jax.costs --shape=gemma-2b --arch=gemma --batch=32 --seq_len=512 --workloads=sft_step
+  python -m ilr_jax.costs --shape=gemma-2b --arch=gemma --dtype=bfloat16 --batch=32 \
+    --seq_len=512 --workloads=sft_step --scan_layers
 
 prints one JSON line per workload: `flops` (cost_analysis), `peak_bytes` (memory_analysis:
 arguments + outputs + temporaries - aliased) and `temp_bytes`. The step is the one `make_trainer`

@@ -369,9 +369,7 @@ class Block(nnx.Module):
       if at_B is not None:
         pick = lambda a: jnp.take_along_axis(a, at_B.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)
         q, x_BTD, mask_BTS = pick(q), pick(x_BTD), pick(mask_BTS)
-      attn = attention_lib.attend(
-        q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, self.attention
-      )
+      attn = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, self.attention)
     x_BTD = x_BTD + self.o(attn)
     y = self.mlp_norm(x_BTD)
     gate = self.gate(y)

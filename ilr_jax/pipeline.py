@@ -35,7 +35,7 @@ import zlib
 import ml_collections
 import numpy as np
 
-from ilr_jax import report
+from ilr_jax import report, timing
 from ilr_jax.schema import (
   DPO_METHODS,
   EVALUATOR_METHODS,
@@ -200,7 +200,7 @@ class Run:
     from ilr_jax import sharding, tasks
 
     self.config, self.wd = config, wd
-    self.task = make_task(config.task.to_dict())
+    self.task = timing.wrap_task(make_task(config.task.to_dict()), config)
     self.train = self.task.load('train', config.task.train_limit)
     self.test = self.task.load('test', config.task.test_limit)
     idx_a, idx_b = tasks.split_halves(len(self.train), config.seed)
@@ -330,6 +330,7 @@ def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> li
     mesh=run.mesh,
     desc=f'{stage} ({use})',
     scores=False,  # only the texts are used
+    **timing.decode_options(run.config),
   )
   texts = result.texts
   return [t if isinstance(t, list) else [t] for t in texts]
