@@ -183,7 +183,7 @@ def main(argv: Sequence[str]) -> None:
   from ilr_jax import bench
 
   cfg = bench.model_config(FLAGS.shape, FLAGS.arch, FLAGS.dtype)
-  cfg = cfg.replace(scan_layers=FLAGS.scan_layers)
+  cfg = cfg.replace(scan_layers=FLAGS.scan_layers, remat=FLAGS.remat)
   if FLAGS.attention is not None:
     cfg = cfg.replace(attention=FLAGS.attention)
   for name in FLAGS.workloads:
@@ -207,5 +207,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('seq_len', None, 'tokens per row')
   flags.DEFINE_integer('lora_rank', 0, 'LoRA rank (0: full fine-tune)')
   flags.DEFINE_bool('scan_layers', False, 'scan the layers (memory as run; FLOPs count 1 layer)')
+  flags.DEFINE_enum('remat', 'none', ['none', 'full', 'dots'], 'rematerialisation of the layers')
   flags.DEFINE_string('attention', None, "attention implementation ('auto', 'xla', ...)")
   app.run(main)
