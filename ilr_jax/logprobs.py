@@ -1,8 +1,9 @@
 """Target-token log-probs without the full logits: the one place the LM head meets a loss.
 
 SFT, DPO (policy and reference) and any other sequence log-prob go through `target_logps`:
-  1. the hidden states of the positions that predict a target token are gathered first (at most
-     `max_targets` per row), so prompt positions never reach the vocabulary projection;
+  1. only the positions that predict a target token (at most `max_targets` per row) go past the
+     last layer's keys and values: that layer's attention and MLP, the final norm and the
+     vocabulary projection run at those positions only, so prompt positions never pay for them;
   2. the projection and its log-softmax run over chunks of those positions (a `lax.scan`, each
      chunk rematerialised in the backward pass), so at most one [B, chunk, V] float32 block of
      logits is alive at a time, forward or backward. The chunk is sized from a fixed element
@@ -84,14 +85,15 @@ def target_logps(
   targets loses the rest: callers bound it, see `target_bound`). Log-probs are zero where the
   weight is zero.
   """
-  h_BTD = model.hidden(tokens_BT, mask_BT)[:, :-1]
   targets_BT = tokens_BT[:, 1:]
   w_BT = (loss_mask_BT[:, 1:] * mask_BT[:, 1:]).astype(jnp.float32)
   if max_targets is not None and max_targets < targets_BT.shape[1]:
-    # Stable sort puts each row's target positions first, in order.
+    # Stable sort puts each row's target positions first, in order; position i predicts i + 1.
     idx_BP = jnp.argsort(w_BT == 0, axis=1, stable=True)[:, :max_targets]
-    h_BTD = jnp.take_along_axis(h_BTD, idx_BP[..., None], axis=1)
+    h_BTD = model.hidden(tokens_BT, mask_BT, at_BP=idx_BP)
     targets_BT = jnp.take_along_axis(targets_BT, idx_BP, axis=1)
     w_BT = jnp.take_along_axis(w_BT, idx_BP, axis=1)
+  else:
+    h_BTD = model.hidden(tokens_BT, mask_BT)[:, :-1]
   logps = head_logps(model, h_BTD, targets_BT, chunk)
   return jnp.where(w_BT > 0, logps, 0.0), w_BT

@@ -321,7 +321,7 @@ class Block(nnx.Module):
     kv_first=False,
     last_only=False,
     empty_cache=False,
-    at_B=None,
+    at_BP=None,
   ):
     """One layer. With `kv` (this layer's cache) the new keys/values are written into it at
     `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
@@ -338,8 +338,9 @@ class Block(nnx.Module):
     runs over the T new keys and values themselves rather than the whole cache: only they can be
     valid, so that is half of a prefill's attention when M new tokens follow a prompt of T.
 
-    With `at_B` (no cache) keys and values cover every position but the rest of the layer runs
-    for position at_B[b] of each row only: x comes back [B, 1, D] (a score read at one token).
+    With `at_BP` (no cache; int [B, P]) keys and values cover every position but the rest of the
+    layer runs at positions at_BP[b] of each row only: x comes back [B, P, D] (a score read at
+    one token, a loss at its target positions).
     """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
@@ -366,8 +367,9 @@ class Block(nnx.Module):
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
         kv = (k, v)
-      if at_B is not None:
-        pick = lambda a: jnp.take_along_axis(a, at_B.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)
+      if at_BP is not None:
+        idx = lambda a: at_BP.reshape(at_BP.shape + (1,) * (a.ndim - 2))
+        pick = lambda a: jnp.take_along_axis(a, idx(a), axis=1)
         q, x_BTD, mask_BTS = pick(q), pick(x_BTD), pick(mask_BTS)
       attn = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, self.attention)
     x_BTD = x_BTD + self.o(attn)
@@ -446,16 +448,16 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), dtype)
     return x
 
-  def _run_layers(self, x, q_pos_BT, mask_BTS, cache=None, cache_index=None, at_B=None):
-    """The L layers and the final norm. With `at_B` (no cache) the last layer runs for position
-    at_B[b] of each row only (Block), and the result is [B, 1, D]."""
+  def _run_layers(self, x, q_pos_BT, mask_BTS, cache=None, cache_index=None, at_BP=None):
+    """The L layers and the final norm. With `at_BP` (no cache) the last layer runs at positions
+    at_BP[b] of each row only (Block), and the result is [B, P, D]."""
     cfg = self.cfg
     inv_freq = rope_frequencies(cfg)
     graphdef, stacked = nnx.split(self.layers)
 
-    def layer(x, layer_state, kv, at_B=None):
+    def layer(x, layer_state, kv, at_BP=None):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, q_pos_BT, mask_BTS, inv_freq, kv, cache_index, at_B=at_B)
+      return block(x, q_pos_BT, mask_BTS, inv_freq, kv, cache_index, at_BP=at_BP)
 
     if cfg.remat != 'none':
       policy = None
@@ -463,9 +465,9 @@ class Decoder(nnx.Module):
         policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
 
-    if at_B is not None:
+    if at_BP is not None:
       if cache is not None:
-        raise ValueError('at_B runs without a cache')
+        raise ValueError('at_BP runs without a cache')
       # The first L - 1 layers as usual, then the last one at the read positions only.
       first = jax.tree.map(lambda p: p[:-1], stacked)
       last = jax.tree.map(lambda p: p[-1], stacked)
@@ -474,7 +476,7 @@ class Decoder(nnx.Module):
       else:
         for i in range(cfg.num_layers - 1):
           x, _ = layer(x, jax.tree.map(lambda p, i=i: p[i], first), None)
-      x, _ = layer(x, last, None, at_B)
+      x, _ = layer(x, last, None, at_BP)
       return self.final_norm(x), None
 
     kv_all = None if cache is None else (cache['k'], cache['v'])
@@ -504,12 +506,12 @@ class Decoder(nnx.Module):
     tokens_BT: Array,
     mask_BT: Array | None = None,
     positions_BT: Array | None = None,
-    at_B: Array | None = None,
+    at_BP: Array | None = None,
   ) -> Array:
     """Final-norm hidden states [B, T, D] of a padded batch (no cache).
 
-    With `at_B` (int [B]) only position at_B[b] of each row, [B, 1, D]: the last layer then runs
-    its attention and MLP at that position only (the score head's read; equal to slicing the
+    With `at_BP` (int [B, P]) only positions at_BP[b] of each row, [B, P, D]: the last layer then
+    runs its attention and MLP at those positions only (the score head's read; equal to slicing the
     full result, to float rounding)."""
     b, t = tokens_BT.shape
     if mask_BT is None:
@@ -520,7 +522,7 @@ class Decoder(nnx.Module):
     mask_BTS = attention_mask(
       slots, slots, positions_BT, positions_BT, mask_BT.astype(bool), self.cfg.sliding_window
     )
-    h, _ = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS, at_B=at_B)
+    h, _ = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS, at_BP=at_BP)
     return h
 
   def logits(self, h: Array, tied_head_DV: Array | None = None) -> Array:
@@ -554,7 +556,7 @@ class Decoder(nnx.Module):
       raise ValueError('this model has an LM head, not a score head (set num_labels)')
     if mask_BT is None:
       mask_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-    h_BD = self.hidden(tokens_BT, mask_BT, at_B=last_token_index(mask_BT))[:, 0]
+    h_BD = self.hidden(tokens_BT, mask_BT, at_BP=last_token_index(mask_BT)[:, None])[:, 0]
     return self.score_head(h_BD).astype(jnp.float32)
 
   def decode(
