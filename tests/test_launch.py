@@ -61,7 +61,7 @@ def test_round_accelerator_dry_run_prints_stage_times(tmp_path, shared_data):
     '--config.sft.batch_size=4',
     '--config.evaluator_train.batch_size=4',
     '--config.evaluator_train.num_checkpoints=1',
-    '--config.evaluator_train.max_epochs=1',
+    '--config.evaluator_train.epochs=1',
     '--config.sampling.batch_size=8',
     '--config.sampling.score_batch_size=8',
     '--config.supervisor_sft.epochs=1',
