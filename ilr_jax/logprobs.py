@@ -26,16 +26,6 @@ Array = jax.Array
 LOGITS_BUDGET = 1 << 27
 
 
-def target_bound(longest_targets: int, length: int) -> int:
-  """Target positions to gather for a batch of padded `length` whose longest row has
-  `longest_targets`: a quarter or half of the length when that suffices, else all (few shapes,
-  so few compilations)."""
-  for p in (length // 4, length // 2):
-    if p >= max(longest_targets, 1):
-      return p
-  return length - 1
-
-
 def chunk_size(rows: int, positions: int, vocab: int, chunk: int | None = None) -> int:
   """Positions per logits chunk: `chunk` if given, else the most that keep rows x chunk x vocab
   within LOGITS_BUDGET (at least 1, at most `positions`)."""
@@ -82,8 +72,8 @@ def target_logps(
   The loss at position t predicts tokens[t] from position t - 1, for every t with
   loss_mask[t] = mask[t] = 1. P is T - 1 or, with `max_targets` < T - 1, the first `max_targets`
   target positions of each row, gathered before the vocabulary projection (a row with more
-  targets loses the rest: callers bound it, see `target_bound`). Log-probs are zero where the
-  weight is zero.
+  targets loses the rest: callers bound it, see `examples.target_bound`). Log-probs are zero
+  where the weight is zero.
   """
   targets_BT = tokens_BT[:, 1:]
   w_BT = (loss_mask_BT[:, 1:] * mask_BT[:, 1:]).astype(jnp.float32)

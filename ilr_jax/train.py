@@ -50,7 +50,7 @@ from flax import nnx
 from ilr_jax import logprobs
 from ilr_jax import lora as lora_lib
 from ilr_jax import sharding as shd
-from ilr_jax.examples import FORMATS, LOSSES
+from ilr_jax.examples import FORMATS, LOSSES, target_bound
 from ilr_jax.model import LORA_TARGETS, Decoder
 from ilr_jax.optimizers import OPTIMIZERS, SCHEDULES, current_lr, make_optimizer, make_schedule
 
@@ -309,11 +309,11 @@ def sequence_logps(
 ) -> Array:
   """Sum of each row's target-token log-probs [B] float32 (jitted; DPO reference log-probs).
 
-  Without `max_targets` the bound comes from the batch (`logprobs.target_bound`)."""
+  Without `max_targets` the bound comes from the batch (`examples.target_bound`)."""
   if max_targets is None:
     w = jnp.asarray(loss_mask_BT)[:, 1:] * jnp.asarray(mask_BT)[:, 1:]
     longest = int(jax.device_get(w.sum(-1).max()))
-    max_targets = logprobs.target_bound(longest, tokens_BT.shape[1])
+    max_targets = target_bound(longest, tokens_BT.shape[1])
   graphdef, state = nnx.split(model)
   return _sequence_logps(
     graphdef, state, tokens_BT, mask_BT, loss_mask_BT, max_targets, logits_chunk

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ilr_jax import costs, logprobs
+from ilr_jax import costs, examples, logprobs
 from ilr_jax import train as train_lib
 from ilr_jax.model import Decoder, ModelConfig, last_token_index
 
@@ -102,8 +102,8 @@ def test_reference_logps_match_full_logits_and_bound_targets():
   got = train_lib.sequence_logps(model, b['tokens'], b['mask'], b['loss_mask'])
   lp, _ = _full_logps(model, *(jnp.asarray(b[k]) for k in ('tokens', 'mask', 'loss_mask')))
   np.testing.assert_allclose(np.asarray(got), np.asarray(lp.sum(-1)), rtol=1e-6)
-  assert logprobs.target_bound(6, 12) == 6 and logprobs.target_bound(2, 12) == 3
-  assert logprobs.target_bound(7, 12) == 11
+  assert examples.target_bound(6, 12) == 6 and examples.target_bound(2, 12) == 3
+  assert examples.target_bound(7, 12) == 11
 
 
 def test_classifier_loss_and_gradients_match_full_hidden():
