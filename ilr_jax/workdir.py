@@ -209,7 +209,22 @@ def load_label_set(path: str | os.PathLike) -> dict[str, list]:
   if not path.is_dir():
     raise FileNotFoundError(f'label set {path} does not exist')
   ds = datasets.load_from_disk(os.fspath(path))
-  return {c: ds[c] for c in ds.column_names}
+  rows = {c: ds[c] for c in ds.column_names}
+  import jax
+
+  if jax.process_count() > 1:
+    # Every process reads what process 0 wrote; the log line lets a run show they read the same.
+    print(
+      f'[ilr_jax] process {jax.process_index()} read label set {path} digest {label_digest(rows)}',
+      flush=True,
+    )
+  return rows
+
+
+def label_digest(rows: Mapping[str, Sequence]) -> str:
+  """A short content hash of a label set's columns (NaN scores hash as null)."""
+  blob = json.dumps(_jsonable({c: list(rows[c]) for c in sorted(rows)}), sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # -- stages --------------------------------------------------------------------------------------
