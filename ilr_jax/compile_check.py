@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -177,6 +176,12 @@ def _train_steps(config, mesh, name, role, loss, tcfg, num_labels=None, lora=Non
   )
   train_step, eval_step, _ = train.jit_steps(graphdef, loss, cfg, tx, state_sh, mesh)
   b, t = cfg.global_batch, cfg.max_len
+  shards = shd.batch_size_multiple(mesh)
+  if (cfg.micro_batch or b) % shards:
+    raise ValueError(
+      f'{name}: micro-batches of {cfg.micro_batch or b} rows cannot be split over the '
+      f'{shards} batch shards of mesh {dict(mesh.shape)}'
+    )
   batch = {}
   for key, ndim in train.BATCH_KEYS[loss].items():
     shape = (b, t) if ndim == 2 else (b,)
@@ -189,8 +194,14 @@ def _train_steps(config, mesh, name, role, loss, tcfg, num_labels=None, lora=Non
   what = f'{b} x {t}' + (f' in {cfg.accum_steps} micro-batches' if cfg.accum_steps > 1 else '')
   what += f', LoRA r{rank}' if rank else ', all parameters'
   out = [
-    Step(Program(name, role, what), train_step.jitted, (dyn, frozen, batch, bound), 'train',
-         mcfg, state_sh)
+    Step(
+      Program(name, role, what),
+      train_step.jitted,
+      (dyn, frozen, batch, bound),
+      'train',
+      mcfg,
+      state_sh,
+    )
   ]
   if loss == 'classifier':
     # Scoring: the two answers of score_batch_size pairs through the classifier at max_len.
@@ -201,8 +212,14 @@ def _train_steps(config, mesh, name, role, loss, tcfg, num_labels=None, lora=Non
     }
     state = train.TrainState(dyn[0], dyn[1], frozen, dyn[2])
     out.append(
-      Step(Program('evaluator scoring', role, f'{sb} x {t} forward'), eval_step.jitted,
-           (state, sbatch, None), 'score', mcfg, state_sh)
+      Step(
+        Program('evaluator scoring', role, f'{sb} x {t} forward'),
+        eval_step.jitted,
+        (state, sbatch, None),
+        'score',
+        mcfg,
+        state_sh,
+      )
     )
   return out
 
@@ -240,8 +257,13 @@ def _decode_steps(config, mesh, role: str, uses: Sequence[str], task) -> list[St
     spec = sampler._Spec(method, d.max_new_tokens, n, tuple(mcfg.eos_token_ids), 0, False)
     prefill, decode = s._functions(spec, b, p)
     tok = jax.ShapeDtypeStruct((b, p), jnp.int32)
-    pargs = (s.weights, tok, tok, jax.ShapeDtypeStruct((b,), jnp.int32),
-             jax.ShapeDtypeStruct((), jnp.uint32))
+    pargs = (
+      s.weights,
+      tok,
+      tok,
+      jax.ShapeDtypeStruct((b,), jnp.int32),
+      jax.ShapeDtypeStruct((), jnp.uint32),
+    )
     state = jax.eval_shape(functools.partial(raw, graphdef, spec=spec), *pargs)
     what = d.method + ('' if rows == 1 else f' x{rows}')
     shape = f'{b} prompts x {p} tokens + {d.max_new_tokens} new'
@@ -271,7 +293,9 @@ def steps(config, mesh) -> list[Step]:
     )
   sup = ['label', 'eval'] + (['evaluator_data'] if evaluator else [])
   out += _decode_steps(config, mesh, 'supervisor', sup, task)
-  out += _decode_steps(config, mesh, 'student', ['proposal', 'eval'] + (['dpo'] if dpo else []), task)
+  out += _decode_steps(
+    config, mesh, 'student', ['proposal', 'eval'] + (['dpo'] if dpo else []), task
+  )
   return out
 
 
@@ -324,7 +348,7 @@ def target_mesh(config, target: Target):
   return jax.sharding.AbstractMesh(mesh_sizes(config, target.num_devices), shd.MESH_AXES)
 
 
-# -- per-device bytes -------------------------------------------------------------------------------
+# -- per-device bytes ------------------------------------------------------------------------------
 
 
 def _leaf_bytes(x, sharding) -> int:
@@ -370,7 +394,10 @@ def compiled_bytes(fn, args) -> tuple[int, dict[str, int]]:
     'code': int(ma.generated_code_size_in_bytes),
   }
   total = (
-    detail['arguments'] + detail['outputs'] - detail['aliased'] + detail['temporaries']
+    detail['arguments']
+    + detail['outputs']
+    - detail['aliased']
+    + detail['temporaries']
     + detail['code']
   )
   return total, detail
@@ -387,14 +414,22 @@ def _activation_bytes(mcfg, rows: int, t: int, targets: int, remat: str, tensor:
   matmul outputs, twice for the backward) and the float32 logits at the target positions with their
   softmax and gradient (three [rows, targets, V] arrays)."""
   d, f, n, k, h = (
-    mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
+    mcfg.hidden_size,
+    mcfg.intermediate_size,
+    mcfg.num_heads,
+    mcfg.num_kv_heads,
+    mcfg.head_dim,
   )
   a = _act_bytes(mcfg)
   per_token = (n * h + 2 * k * h + n * h) // tensor + 3 * f // tensor + 2 * d
   layer_io = rows * t * d * a
   layer_all = rows * t * per_token * a
   scores = rows * (n // max(1, min(n, tensor))) * t * t * 4
-  saved = {'full': layer_io, 'dots': layer_io + layer_all, 'none': layer_io + layer_all + 2 * scores}
+  saved = {
+    'full': layer_io,
+    'dots': layer_io + layer_all,
+    'none': layer_io + layer_all + 2 * scores,
+  }
   working = 2 * (layer_all + 2 * scores)
   vocab = mcfg.num_labels or mcfg.vocab_size
   logits = 3 * rows * max(targets, 1) * vocab * 4 // (1 if mcfg.num_labels else tensor)
@@ -452,14 +487,18 @@ def estimate(step: Step, mesh) -> tuple[int, dict[str, int]]:
 def _forward_bytes(mcfg, rows: int, t: int, tensor: int) -> int:
   """A forward pass without gradients: one layer's working set and the last position's logits."""
   d, f, n, k, h = (
-    mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
+    mcfg.hidden_size,
+    mcfg.intermediate_size,
+    mcfg.num_heads,
+    mcfg.num_kv_heads,
+    mcfg.head_dim,
   )
   a = _act_bytes(mcfg)
   per_token = (2 * n * h + 2 * k * h + 3 * f) // tensor + 2 * d
   return rows * t * per_token * a + rows * (n // tensor or 1) * t * t * 4 + rows * t * d * a
 
 
-# -- the check ---------------------------------------------------------------------------------------
+# -- the check -------------------------------------------------------------------------------------
 
 
 def device_memory(target: Target) -> int:

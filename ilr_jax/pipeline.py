@@ -273,7 +273,8 @@ def _train_config(tcfg, seed: int, **extra):
     lora_rank=tcfg.get('lora_rank', 0),
     lora_alpha=tcfg.get('lora_alpha', 0.0),
   )
-  for key in ('max_len', 'pad_multiple'):
+  # micro_batch (gradient accumulation) is set only by configs whose batches need it to fit.
+  for key in ('max_len', 'pad_multiple', 'micro_batch'):
     if tcfg.get(key) is not None:
       fields[key] = tcfg[key]
   fields.update(extra)

@@ -667,7 +667,6 @@ def make_trainer(
   return trainer, state
 
 
-
 def jit_steps(graphdef, loss: str, cfg: TrainConfig, tx, state_sh: TrainState, mesh):
   """(train_step, eval_step, batch shardings) of a state with shardings `state_sh`; each step has
   `.jitted`, the jax.jit function (compile_check lowers it on abstract inputs)."""

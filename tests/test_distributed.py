@@ -99,9 +99,7 @@ def _args(wd, cache, extra=()) -> list[str]:
 
 def _single(wd, cache, timeout=900):
   cmd = [sys.executable, '-m', 'ilr_jax.main', *_args(wd, cache)]
-  return subprocess.run(
-    cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout
-  )
+  return subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
 
 
 def _start_pair(wd, cache, logs: pathlib.Path, tag: str, extra=()) -> list[subprocess.Popen]:
@@ -177,7 +175,10 @@ def runs(tmp_path_factory):
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     f_one = pool.submit(_single, one, base / 'cache1')
     f_two = pool.submit(
-      lambda: (_pair(two, base / 'cache2', logs, 'two'), _killed_then_rerun(killed, base / 'cache2', logs))
+      lambda: (
+        _pair(two, base / 'cache2', logs, 'two'),
+        _killed_then_rerun(killed, base / 'cache2', logs),
+      )
     )
     r_one = f_one.result()
     _, kill = f_two.result()
@@ -212,7 +213,9 @@ def _report(wd) -> str:
 def _files(wd) -> set[str]:
   skip = ('jax_cache', 'tb')
   return {
-    str(p.relative_to(wd)) for p in wd.rglob('*') if p.is_file() and p.parts[len(wd.parts)] not in skip
+    str(p.relative_to(wd))
+    for p in wd.rglob('*')
+    if p.is_file() and p.parts[len(wd.parts)] not in skip
   }
 
 
@@ -227,7 +230,11 @@ def test_process_0_alone_writes(runs):
   one, two, logs = runs['one'], runs['two'], runs['logs']
   # No duplicates (a second writer's temporary or per-process files) and no partial files.
   assert _files(one) == _files(two)
-  assert not list(two.rglob('*.tmp-*')) and not list(two.rglob('*orbax-checkpoint-tmp*'))
+  assert (
+    not list(two.rglob('*.tmp-*'))
+    and not list(two.rglob('*.tmp'))
+    and not list(two.rglob('*orbax-checkpoint-tmp*'))
+  )
   writes1 = (logs / 'two.p1.audit').read_text().splitlines()
   writes0 = (logs / 'two.p0.audit').read_text().splitlines()
   assert len(writes0) > 20  # the hook sees process 0's writes, so its silence on 1 means something
