@@ -81,7 +81,6 @@ class Program:
   bytes_per_device: int = 0
   resident_bytes: int = 0  # held by the pipeline beside the program's own arguments
   detail: dict[str, int] = dataclasses.field(default_factory=dict)
-  method: str = ''  # 'compiled' or 'estimate'
 
   @property
   def total(self) -> int:
@@ -310,8 +309,12 @@ def tpu_devices(target: Target):
     raise RuntimeError(
       f'target {target.name} compiles with XLA:TPU: install libtpu (pip install -e ".[aot]")'
     ) from None
+  import os
+
   from jax.experimental import topologies
 
+  # Compiling needs no TPU, so several checks may load libtpu at once (it locks it otherwise).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   topo = topologies.get_topology_desc(
     platform='tpu',
     topology_name=target.topology,
@@ -334,13 +337,13 @@ def mesh_sizes(config, n: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def target_mesh(config, target: Target):
+def target_mesh(config, target: Target, estimate_only: bool = False):
   """A concrete mesh (compiled targets) or an AbstractMesh (estimated targets)."""
   import jax
 
   from ilr_jax import sharding as shd
 
-  if target.platform == 'tpu':
+  if target.platform == 'tpu' and not estimate_only:
     devices = tpu_devices(target)
     return shd.make_mesh(*mesh_sizes(config, len(devices)), devices=devices)
   if target.platform == 'cpu':
@@ -403,24 +406,14 @@ def compiled_bytes(fn, args) -> tuple[int, dict[str, int]]:
   return total, detail
 
 
-def _act_bytes(cfg) -> int:
-  return 2 if cfg.dtype in ('bfloat16', 'float16') else 4
-
-
 def _activation_bytes(mcfg, rows: int, t: int, targets: int, remat: str, tensor: int) -> int:
   """Activations of a train step per device (rows = local micro-batch rows). Saved for the
   backward pass: with remat 'full' each layer's input [rows, T, D]; 'dots' adds the matmul outputs;
   'none' every intermediate. Plus one layer's working set (attention scores in float32, its
   matmul outputs, twice for the backward) and the float32 logits at the target positions with their
   softmax and gradient (three [rows, targets, V] arrays)."""
-  d, f, n, k, h = (
-    mcfg.hidden_size,
-    mcfg.intermediate_size,
-    mcfg.num_heads,
-    mcfg.num_kv_heads,
-    mcfg.head_dim,
-  )
-  a = _act_bytes(mcfg)
+  d, f, n, k, h = _dims(mcfg)
+  a = 2 if mcfg.dtype in ('bfloat16', 'float16') else 4
   per_token = (n * h + 2 * k * h + n * h) // tensor + 3 * f // tensor + 2 * d
   layer_io = rows * t * d * a
   layer_all = rows * t * per_token * a
@@ -484,16 +477,20 @@ def estimate(step: Step, mesh) -> tuple[int, dict[str, int]]:
   return sum(detail.values()), detail
 
 
-def _forward_bytes(mcfg, rows: int, t: int, tensor: int) -> int:
-  """A forward pass without gradients: one layer's working set and the last position's logits."""
-  d, f, n, k, h = (
+def _dims(mcfg) -> tuple[int, ...]:
+  return (
     mcfg.hidden_size,
     mcfg.intermediate_size,
     mcfg.num_heads,
     mcfg.num_kv_heads,
     mcfg.head_dim,
   )
-  a = _act_bytes(mcfg)
+
+
+def _forward_bytes(mcfg, rows: int, t: int, tensor: int) -> int:
+  """A forward pass without gradients: one layer's working set and the last position's logits."""
+  d, f, n, k, h = _dims(mcfg)
+  a = 2 if mcfg.dtype in ('bfloat16', 'float16') else 4
   per_token = (2 * n * h + 2 * k * h + 3 * f) // tensor + 2 * d
   return rows * t * per_token * a + rows * (n // tensor or 1) * t * t * 4 + rows * t * d * a
 
@@ -512,13 +509,14 @@ def device_memory(target: Target) -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // jax.device_count()
 
 
-def check(config, target: Target, log=print) -> dict[str, Any]:
+def check(config, target: Target, log=print, estimate_only: bool = False) -> dict[str, Any]:
   """Compile (or estimate) every step of `config` for `target`; a JSON-able summary."""
   import time
 
-  mesh = target_mesh(config, target)
+  estimate_only = estimate_only and target.platform != 'cpu'
+  mesh = target_mesh(config, target, estimate_only)
   memory = device_memory(target)
-  method = 'estimate' if target.platform == 'gpu' else 'compiled'
+  method = 'estimate' if target.platform == 'gpu' or estimate_only else 'compiled'
   rows = []
   for step in steps(config, mesh):
     t0 = time.perf_counter()
@@ -527,7 +525,6 @@ def check(config, target: Target, log=print) -> dict[str, Any]:
     else:
       step.prog.bytes_per_device, step.prog.detail = estimate(step, mesh)
     step.prog.resident_bytes = step.resident
-    step.prog.method = method
     p = step.prog
     fits = p.total <= HEADROOM * memory
     rows.append(
@@ -568,6 +565,9 @@ def check(config, target: Target, log=print) -> dict[str, Any]:
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/<task>.py:<method>[,switch...]')
 _TARGET = flags.DEFINE_enum('target', None, sorted(TARGETS), 'the hardware to check against')
 _JSON = flags.DEFINE_string('json', None, 'also write the summary here')
+_ESTIMATE = flags.DEFINE_bool(
+  'estimate', False, 'TPU targets: the analytic estimate instead of compiling (much faster)'
+)
 
 
 def main(argv):
@@ -578,7 +578,7 @@ def main(argv):
   target = TARGETS[_TARGET.value]
   try:
     schema.validate(_CONFIG.value) if target.platform == 'cpu' else None
-    summary = check(_CONFIG.value, target)
+    summary = check(_CONFIG.value, target, estimate_only=_ESTIMATE.value)
   except (schema.ConfigError, ValueError, RuntimeError) as e:
     sys.exit(f'ilr_jax.compile_check: {e}')
   gib = summary['worst_bytes'] / GIB

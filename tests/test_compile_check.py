@@ -79,6 +79,7 @@ def test_cpu_compile_reports_xla_memory():
     assert detail['arguments'] >= weights
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
   importlib.util.find_spec('libtpu') is None,
   reason='libtpu is not installed (pip install -e ".[aot]"): TPU targets compile with XLA:TPU',
