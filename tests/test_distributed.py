@@ -97,7 +97,7 @@ def _args(wd, cache, extra=()) -> list[str]:
   ]
 
 
-def _single(wd, cache, timeout=900):
+def _single(wd, cache, timeout=1800):
   cmd = [sys.executable, '-m', 'ilr_jax.main', *_args(wd, cache)]
   return subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
 
@@ -125,7 +125,7 @@ def _start_pair(wd, cache, logs: pathlib.Path, tag: str, extra=()) -> list[subpr
   return procs
 
 
-def _wait(procs, timeout=900) -> list[int]:
+def _wait(procs, timeout=1800) -> list[int]:
   return [p.wait(timeout=timeout) for p in procs]
 
 
