@@ -44,8 +44,7 @@ def get_config(arg: str = 'ilr'):
   # What fits (docs/SCALE.md, checked by `python -m ilr_jax.compile_check`): bfloat16 compute,
   # every layer rematerialised, micro-batches of 4. Decoding keeps the weights whole over fsdp
   # (sharding.DECODE_RULES), so the 70B student decodes only with tensor parallelism: 8-way on an
-  # 8-GPU host (the default here); a v5e-64 slice needs --config.mesh.tensor=16
-  # --config.sampling.batch_size=8.
+  # 8-GPU host (the default here). It does not fit a v5e-64 slice's decoding yet (docs/SCALE.md).
   for role in ('supervisor', 'evaluator'):
     config[role].dtype = 'bfloat16'
     config[role].remat = 'full'

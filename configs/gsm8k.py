@@ -67,8 +67,8 @@ def get_config(arg: str = 'ilr'):
     config.sft.optimizer = 'adafactor'
     config.student.param_dtype = 'bfloat16'
     # Decoding keeps the weights whole over fsdp (sharding.DECODE_RULES), so a 70B model decodes
-    # only with tensor parallelism: 8-way on an 8-GPU host (the default here); a v5e-64 slice
-    # needs --config.mesh.tensor=16 --config.sampling.batch_size=8 (docs/SCALE.md).
+    # only with tensor parallelism: 8-way on an 8-GPU host (the default here). It does not fit a
+    # v5e-64 slice's decoding yet (docs/SCALE.md).
     config.mesh.tensor = 8
     config.mesh.fsdp = -1
     for train in (config.supervisor_sft, config.sft, config.dpo, config.evaluator_train):
