@@ -25,14 +25,14 @@ from ilr_jax import distributed, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = 'configs/arith.py:compare,tiny'
-# Shrinks the tiny run (fewer epochs, test problems and new tokens) so three runs fit the budget;
+# Shrinks the tiny run (fewer student epochs, test problems and new tokens; the supervisor keeps its
+# 30 epochs, since with 3 none of its weak labels is valid) so three runs fit the budget;
 # the mesh has both batch axes > 1, and the fsdp axis is the one inside a process.
 SHRINK = (
   '--config.mesh.data=2',
   '--config.mesh.fsdp=4',
   '--config.task.num_test=16',
   '--config.task.max_new_tokens=12',
-  '--config.supervisor_sft.epochs=3',
   '--config.sft.epochs=3',
 )
 # The killed run saves resumable checkpoints often, so the kill lands after one (not part of any
@@ -211,12 +211,25 @@ def _report(wd) -> str:
 
 
 def _files(wd) -> set[str]:
+  # Orbax writes each process's shards of an array checkpoint (ocdbt.process_N,
+  # array_metadatas/process_N): per-process array files by design, not duplicates.
   skip = ('jax_cache', 'tb')
   return {
     str(p.relative_to(wd))
     for p in wd.rglob('*')
-    if p.is_file() and p.parts[len(wd.parts)] not in skip
+    if p.is_file() and p.parts[len(wd.parts)] not in skip and 'process_' not in str(p)
   }
+
+
+def _non_array_writes(audit: str) -> list[str]:
+  """Writes other than orbax's per-process array files and mkdir of folders."""
+  out = []
+  for line in audit.splitlines():
+    event, path = line.split(' ', 1)
+    if 'orbax-checkpoint-tmp' in path or 'process_' in path or event == 'os.mkdir':
+      continue
+    out.append(line)
+  return out
 
 
 def test_two_processes_equal_one(runs):
@@ -235,8 +248,8 @@ def test_process_0_alone_writes(runs):
     and not list(two.rglob('*.tmp'))
     and not list(two.rglob('*orbax-checkpoint-tmp*'))
   )
-  writes1 = (logs / 'two.p1.audit').read_text().splitlines()
-  writes0 = (logs / 'two.p0.audit').read_text().splitlines()
+  writes0 = _non_array_writes((logs / 'two.p0.audit').read_text())
+  writes1 = _non_array_writes((logs / 'two.p1.audit').read_text())
   assert len(writes0) > 20  # the hook sees process 0's writes, so its silence on 1 means something
   assert writes1 == [], writes1[:20]
 
