@@ -317,9 +317,11 @@ def make_corpus(
     cfg: operand and step knobs; chains run up to cfg.max_steps + 2 steps so a model sees longer
       computations in pretraining than any problem asks for.
     solved_frac: the expected fraction of solved word problems (`_solved_doc`); 0 (the default)
-      draws exactly the corpus of earlier versions, which has no word-problem format at all.
+      draws no word problem at all, only chains, steps and facts, and no random number for that
+      choice, so those documents do not change.
     chat_frac: the fraction of those solved problems written in the prompt format (see
-      `_solved_doc`); 0 (the default) draws exactly the corpus of earlier versions.
+      `_solved_doc`); 0 (the default) writes all of them in the plain format and draws no random
+      number for that choice, so the other documents do not change.
     exclude: questions no solved problem may ask (the pipeline passes the test split's).
   Returns:
     `size` strings, several lines each.

@@ -30,16 +30,12 @@ import numpy as np
 from flax import nnx
 
 from ilr_jax import sharding as shd
-from ilr_jax.model import Decoder, ModelConfig, RopeScaling
+from ilr_jax.model import Decoder, ModelConfig, RopeScaling, num_params
+from ilr_jax.workdir import ArtifactError, load
 
-TOKENIZER_FILES = (
-  'tokenizer.json',
-  'tokenizer_config.json',
-  'tokenizer.model',
-  'special_tokens_map.json',
-  'generation_config.json',
-  'chat_template.jinja',
-  'spm.model',
+TOKENIZER_FILES = tuple(
+  'tokenizer.json tokenizer_config.json tokenizer.model special_tokens_map.json '
+  'generation_config.json chat_template.jinja spm.model'.split()
 )
 _ST_DTYPES = {
   'F32': np.dtype(np.float32),
@@ -226,6 +222,21 @@ def _hf_names(name: str, cfg: ModelConfig) -> list[str]:
 # -- safetensors without torch -----------------------------------------------------------------
 
 
+def _read_header(fp: pathlib.Path) -> tuple[int, dict]:
+  """(header length, header) of a safetensors file; a truncated or foreign one: CheckpointError."""
+  size, raw = fp.stat().st_size, fp.open('rb')
+  with raw:  # a foreign file's "length" is garbage and its "header" no JSON object
+    n = struct.unpack('<Q', raw.read(8))[0] if size >= 8 else size
+    try:
+      header = json.loads(raw.read(n)) if 8 + n <= size else None
+      end = max(8 + n + v['data_offsets'][1] for k, v in header.items() if k != '__metadata__')
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+      end = size + 1
+  if end > size:
+    raise CheckpointError(f'{fp} is not a complete safetensors file (truncated or not one)')
+  return n, header
+
+
 class SafetensorsDir:
   """The tensors of a model directory's safetensors files, memory-mapped, read one at a time."""
 
@@ -242,9 +253,7 @@ class SafetensorsDir:
       fp = path / f
       if not fp.exists():
         raise CheckpointError(f'{fp} is named in the safetensors index but does not exist')
-      with open(fp, 'rb') as fh:
-        (n,) = struct.unpack('<Q', fh.read(8))
-        header = json.loads(fh.read(n))
+      n, header = _read_header(fp)
       for name, info in header.items():
         if name == '__metadata__':
           continue
@@ -388,8 +397,7 @@ def load_hf(
   st = SafetensorsDir(path)
   _check(cfg, st)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-  if mesh is None:
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
   shardings = _flat(shd.state_shardings(abstract, mesh, rules))
   flat = _flat(abstract)
   pmap = param_map(cfg)
@@ -410,14 +418,6 @@ def load_hf(
 
 
 # -- export ------------------------------------------------------------------------------------
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -> None:
@@ -452,7 +452,7 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -
     cache_path, cache = None, None
     for (path_, i), (n, _, _) in zip(order, specs):
       if path_ != cache_path:
-        cache_path, cache = path_, _host(flat[path_][...])
+        cache_path, cache = path_, shd.to_host(flat[path_][...])
       one = cache if i is None else cache[i]
       yield n, np.asarray(pmap[path_][2](one))
 
@@ -548,8 +548,7 @@ def load_checkpoint(
     raise CheckpointError(f'{path} is not an ilr_jax checkpoint (no {MODEL_CONFIG} or params/)')
   cfg = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG).read_text())).replace(**overrides)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-  if mesh is None:
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
   shardings = shd.state_shardings(abstract, mesh, rules)
   target = jax.tree.map(
     lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
@@ -557,7 +556,7 @@ def load_checkpoint(
     shardings.to_pure_dict(),
   )
   with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(path / 'params', target)
+    restored = load(path / 'params', lambda p: ckptr.restore(p, target), 'checkpoint params')
   nnx.replace_by_pure_dict(abstract, restored)
   return nnx.merge(graphdef, abstract)
 
@@ -583,21 +582,15 @@ def main(argv) -> None:
     if f.from_hf and f.out and not (f.checkpoint or f.to_hf):
       model = load_hf(f.from_hf, param_dtype=f.param_dtype) if f.param_dtype else load_hf(f.from_hf)
       save_checkpoint(model, f.out, tokenizer_dir=f.from_hf)
-      print(f'wrote {f.out} ({model.cfg.arch}, {num_params_of(model):,} parameters)')
+      print(f'wrote {f.out} ({model.cfg.arch}, {num_params(nnx.state(model)):,} parameters)')
     elif f.checkpoint and f.to_hf and not (f.from_hf or f.out):
       model = load_checkpoint(f.checkpoint)
       save_hf(model, f.to_hf, tokenizer_dir=f.checkpoint)
-      print(f'wrote {f.to_hf} ({model.cfg.arch}, {num_params_of(model):,} parameters)')
+      print(f'wrote {f.to_hf} ({model.cfg.arch}, {num_params(nnx.state(model)):,} parameters)')
     else:
       raise SystemExit('convert: give either --from_hf and --out, or --checkpoint and --to_hf')
-  except CheckpointError as e:
+  except (CheckpointError, ArtifactError) as e:
     raise SystemExit(f'convert: {e}') from None
-
-
-def num_params_of(model: Decoder) -> int:
-  from ilr_jax.model import num_params
-
-  return num_params(nnx.state(model))
 
 
 if __name__ == '__main__':

@@ -308,8 +308,9 @@ def sample_checkpoints(
       progress=progress,
       scores=False,  # graded by their texts
     )
-    grades = np.asarray(task.grade_batch(result.texts, list(examples)).scores, np.float64)
-    samples.append(list(result.texts))
+    texts = [answers[0] for answers in result.texts]  # one sample per question
+    grades = np.asarray(task.grade_batch(texts, list(examples)).scores, np.float64)
+    samples.append(texts)
     correct.append([bool(g > 0.5) for g in grades])
     log.info('checkpoint %d (%s): %.1f%% of samples correct', i, path, 100 * grades.mean())
     if saved is not None and wd.is_writer():

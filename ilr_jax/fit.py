@@ -31,6 +31,10 @@ Workdir layout (one fit per workdir; rerunning with the same workdir resumes it)
 
 Resume: the latest checkpoint restores params, optimizer state and step; the data order is
 recomputed from the seed, so a resumed run ends with the same parameters as an uninterrupted one.
+At a snapshot step the snapshot is written before the checkpoint, so a checkpoint on disk implies
+every snapshot up to its step; a resume also checks that, and resumes from an earlier checkpoint
+(or from scratch) when a snapshot is missing, so that it is recomputed. A failed write (a kill, a
+full disk) therefore never leaves a fit that a rerun cannot complete.
 Finite-loss guard: at every log interval (and before every checkpoint) the pending steps' loss and
 gradient norm are fetched; a non-finite value raises FloatingPointError naming the step range,
 and no checkpoint is written after it, so the last one on disk holds good parameters.
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +64,7 @@ from ilr_jax import train as train_lib
 from ilr_jax.model import Decoder, ModelConfig
 from ilr_jax.tokens import pad_batch
 from ilr_jax.train import TrainConfig
+from ilr_jax.workdir import load
 
 SORT_WINDOW = 50  # global batches sorted by length together
 # ModelConfig fields that do not change the parameters (a snapshot loads across them).
@@ -268,7 +274,10 @@ def save_params(model: Decoder, path: str | pathlib.Path, *, force: bool = False
   _, trainable, _ = lora_lib.split_trainable(model)
   _checkpointer().save(path / 'params', trainable, force=force)
   if jax.process_index() == 0:
-    (path / 'model_config.json').write_text(json.dumps(model.cfg.to_dict(), indent=1))
+    # Last and atomic: a snapshot counts (fit_checkpoints) only once its params are complete.
+    tmp = path / 'model_config.json.tmp'
+    tmp.write_text(json.dumps(model.cfg.to_dict(), indent=1))
+    os.replace(tmp, path / 'model_config.json')
   return path
 
 
@@ -286,10 +295,11 @@ def load_params(model: Decoder, path: str | pathlib.Path) -> Decoder:
   trained from); everything not saved (the frozen base) comes from `model`.
   """
   path = pathlib.Path(path).absolute()
-  cfg_file = path / 'model_config.json'
-  if not cfg_file.exists():
-    raise FileNotFoundError(f'{path} holds no saved params (no model_config.json)')
-  saved = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
+  saved = load(
+    path / 'model_config.json',
+    lambda p: ModelConfig.from_dict(json.loads(p.read_text())),
+    'the model config of saved params',
+  )
   if saved.lora_rank and not model.cfg.lora_rank:
     model = lora_lib.add_lora(model, saved.lora_rank, saved.lora_alpha, saved.lora_targets)
   if _arch(saved) != _arch(model.cfg):
@@ -299,7 +309,7 @@ def load_params(model: Decoder, path: str | pathlib.Path) -> Decoder:
   target = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainable
   )
-  restored = _checkpointer().restore(path / 'params', target)
+  restored = load(path / 'params', lambda p: _checkpointer().restore(p, target), 'saved params')
   return nnx.merge(graphdef, restored, frozen)
 
 
@@ -441,6 +451,22 @@ def _check_run(workdir: pathlib.Path, record: dict) -> None:
     f.write_text(json.dumps(record, indent=1))
 
 
+def _resume_step(manager: ocp.CheckpointManager, workdir: pathlib.Path, snap_steps) -> int:
+  """The latest checkpoint step whose snapshots up to it are all on disk (0: start afresh).
+
+  Checkpoints after it are deleted, since the resumed run writes them again.
+  """
+  have = {s for s, _ in fit_checkpoints(workdir)}
+  steps = sorted(manager.all_steps())
+  missing = [s for s in snap_steps if s not in have]
+  ok = [s for s in steps if not any(m <= s for m in missing)]
+  start = ok[-1] if ok else 0
+  for s in steps:
+    if s > start:
+      manager.delete(s)  # collective: orbax deletes on the primary host and syncs
+  return start
+
+
 def _validate(trainer, state, val: _Data, cfg: TrainConfig, rows: int) -> float:
   order = np.argsort(val.lengths, kind='stable')
   shardings = trainer.eval_shardings()
@@ -475,6 +501,7 @@ def fit(
   on_checkpoint: Callable[[int, pathlib.Path], None] | None = None,
   on_log: Callable[[int, dict[str, float]], None] | None = None,
   progress: bool = True,
+  after_save: Callable[[str, int], None] | None = None,
 ) -> tuple[Decoder, FitResult]:
   """Train `model` on `examples`; resumable through `workdir` (see the module docstring).
 
@@ -492,6 +519,8 @@ def fit(
     on_checkpoint: called as (step, path) after each fraction snapshot is written.
     on_log: called as (step, interval metric means) at each log interval.
     progress: show a tqdm bar (process 0).
+    after_save: a test hook called as ('snapshot' | 'checkpoint', step) right after each write is
+      on disk (pipeline's `debug.kill_at=STAGE:checkpoint_N` kills there).
   Returns:
     (the trained model, FitResult).
   """
@@ -510,7 +539,7 @@ def fit(
   )
   done_file = workdir / 'DONE.json'
   if done_file.exists():
-    result = FitResult.from_json(json.loads(done_file.read_text()))
+    result = load(done_file, lambda p: FitResult.from_json(json.loads(p.read_text())), 'fit record')
     return load_params(model, workdir / 'final'), result
 
   g = cfg.global_batch
@@ -538,15 +567,21 @@ def fit(
   )
   record = {'best_val': None, 'best_step': None, 'bad_epochs': 0, 'val_losses': []}
   record.update(stopped_early=False, seed=cfg.seed)
-  start = manager.latest_step() or 0
+  start = _resume_step(manager, workdir, snap_steps)
   if start:
     # The freshly created state is already placed as the trainer's shardings say.
     target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    restored = manager.restore(
-      start,
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    restored = load(
+      workdir / 'checkpoints' / str(start),
+      lambda _: manager.restore(
+        start,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      ),
+      'training checkpoint',
     )
     state, record = restored.state, restored.meta
     if record['seed'] != cfg.seed:
@@ -620,6 +655,12 @@ def fit(
             early_stopping_patience is not None and record['bad_epochs'] >= early_stopping_patience
           ):
             stop = record['stopped_early'] = True
+      if step in snap_steps:  # before the checkpoint of this step (module docstring: Resume)
+        path = save_params(trainer.model(state), workdir / 'snapshots' / f'step_{step}', force=True)
+        if after_save is not None:
+          after_save('snapshot', step)
+        if on_checkpoint is not None:
+          on_checkpoint(step, path)
       if step in ckpt_steps or stop:
         manager.save(
           step,
@@ -627,10 +668,8 @@ def fit(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)
           ),
         )
-      if step in snap_steps:
-        path = save_params(trainer.model(state), workdir / 'snapshots' / f'step_{step}', force=True)
-        if on_checkpoint is not None:
-          on_checkpoint(step, path)
+        if after_save is not None:
+          after_save('checkpoint', step)
     flush(step)
   finally:
     bar.close()

@@ -30,21 +30,22 @@ import numpy as np
 
 from ilr_jax import sharding as shd
 from ilr_jax import tokens as tokens_lib
+from ilr_jax.decoding import GREEDY, Method, method_from_name
 from ilr_jax.model import Decoder
-from ilr_jax.sampler import GREEDY, BeamSearch, Greedy, Method, Sample, Sampler
+from ilr_jax.sampler import Sampler
 
 DEFAULT_BUCKETS = tuple(2**k for k in range(4, 15))  # 16 .. 16384 prompt tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
-  """Per prompt, in input order. With num_samples == 1 each entry is one value (a list of ids, a
-  str, a float, a bool); otherwise a list of num_samples values."""
+  """Per prompt, in input order, a list of its answers: `x[i][j]` is answer j of prompt i, with
+  j < num_samples (one answer, the best beam, under beam search), whatever num_samples is."""
 
-  ids: list  # new token ids before the first stop token
-  texts: list | None  # decoded ids, special tokens dropped (None without a tokenizer)
-  scores: list | None  # sum of the new tokens' log-probs, or the beam score (None if not asked)
-  stopped: list  # ended by a stop token (not cut by max_new_tokens)
+  ids: list[list[list[int]]]  # new token ids before the first stop token
+  texts: list[list[str]] | None  # decoded ids, special tokens dropped (None without a tokenizer)
+  scores: list[list[float]] | None  # sum of log-probs, or the beam score (None if not asked)
+  stopped: list[list[bool]]  # ended by a stop token (not cut by max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +107,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]]) 
     if isinstance(p, str):
       if tokenizer is None:
         raise ValueError(f'prompt {i} is a string, but no tokenizer was given')
-      bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-      out.append(bos + tokenizer.encode(p))
+      out.append(tokenizer.encode_with_bos(p))
     else:
       out.append([int(t) for t in p])
   return out
@@ -158,7 +158,6 @@ def generate(
     pad_id = tokenizer.pad_id if tokenizer is not None else (cfg.pad_token_id or 0)
   plan = plan_batches([len(p) for p in ids], batch_size, buckets, sampler.row_multiple)
   n = num_samples
-  single = n == 1 or isinstance(method, BeamSearch)
   out_ids: list = [None] * len(ids)
   out_scores: list = [None] * len(ids)
   out_stopped: list = [None] * len(ids)
@@ -196,14 +195,12 @@ def generate(
         seqs.append([int(t) for t in res.tokens[r, j, : length - 1 if stop else length]])
         row_scores.append(float(res.scores[r, j]) if scored else None)
         stopped.append(stop)
-      out_ids[i] = seqs[0] if single else seqs
-      out_scores[i] = row_scores[0] if single else row_scores
-      out_stopped[i] = stopped[0] if single else stopped
+      out_ids[i], out_scores[i], out_stopped[i] = seqs, row_scores, stopped
     bar.update(len(batch.indices))
   bar.close()
   texts = None
   if tokenizer is not None:
-    texts = [tokenizer.decode(x) if single else [tokenizer.decode(s) for s in x] for x in out_ids]
+    texts = [[tokenizer.decode(s) for s in x] for x in out_ids]
   return GenerationResult(
     ids=out_ids,
     texts=texts,
@@ -222,14 +219,16 @@ def generate_answers(model, tokenizer, questions: Sequence[str], method: Method 
 
 
 def method_from_flags(f) -> Method:
-  if f.method == 'greedy':
-    return Greedy()
-  if f.method == 'sample':
-    return Sample(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
-  if f.method == 'beam':
-    stop = {'true': True, 'false': False, 'never': 'never'}[f.early_stopping]
-    return BeamSearch(f.num_beams, f.length_penalty, stop)
-  raise ValueError(f'unknown --method {f.method!r}; expected greedy, sample or beam')
+  """The decoding method of --method and the flags of its fields."""
+  return method_from_name(
+    f.method,
+    temperature=f.temperature,
+    top_k=f.top_k,
+    top_p=f.top_p,
+    num_beams=f.num_beams,
+    length_penalty=f.length_penalty,
+    early_stopping={'true': True, 'false': False, 'never': 'never'}[f.early_stopping],
+  )
 
 
 def main(argv) -> None:
@@ -242,15 +241,28 @@ def main(argv) -> None:
     raise SystemExit(f'generate: unexpected arguments {argv[1:]}')
   prompts = list(f.prompt or [])
   if f.prompts_file:
-    lines = pathlib.Path(f.prompts_file).read_text().splitlines()
+    path = pathlib.Path(f.prompts_file)
+    if not path.is_file():
+      raise SystemExit(f'generate: --prompts_file {path} does not exist')
+    lines = path.read_text().splitlines()
+    if not any(line.strip() for line in lines):
+      raise SystemExit(f'generate: --prompts_file {path} holds no prompt (one per line)')
     prompts += [line for line in lines if line.strip()]
   if not prompts:
     raise SystemExit('generate: give --prompt (repeatable) or --prompts_file')
+  # Decoding arguments before the model loads (minutes for a big one).
+  for name in ('max_new_tokens', 'num_samples', 'batch_size'):
+    if getattr(f, name) < 1:
+      raise SystemExit(f'generate: --{name} must be >= 1, got {getattr(f, name)}')
+  try:
+    method = method_from_flags(f)
+  except ValueError as e:
+    raise SystemExit(f'generate: bad decoding arguments: {e}') from None
   mesh = shd.make_mesh(f.mesh_data, f.mesh_fsdp, f.mesh_tensor)
   overrides = {'dtype': f.dtype} if f.dtype else {}
   try:
     model = convert.load_model(f.model, mesh=mesh, rules=shd.DECODE_RULES, **overrides)
-  except convert.CheckpointError as e:
+  except (convert.CheckpointError, convert.ArtifactError) as e:
     raise SystemExit(f'generate: {e}') from None
   tok = tokens_lib.Tokenizer.load(f.tokenizer or f.model)
   texts = prompts if f.raw else [tokens_lib.prompt_text(q) for q in prompts]
@@ -258,7 +270,7 @@ def main(argv) -> None:
     model,
     tok,
     texts,
-    method_from_flags(f),
+    method,
     max_new_tokens=f.max_new_tokens,
     num_samples=f.num_samples,
     seed=f.seed,
@@ -266,13 +278,14 @@ def main(argv) -> None:
     mesh=mesh,
   )
   if jax.process_index() == 0:
-    for p, t, s in zip(prompts, result.texts, result.scores):
-      outputs, scores = (t, s) if isinstance(t, list) else ([t], [s])
+    for p, outputs, scores in zip(prompts, result.texts, result.scores):
       print(json.dumps({'prompt': p, 'outputs': outputs, 'scores': scores}, ensure_ascii=False))
 
 
 if __name__ == '__main__':
   from absl import app, flags
+
+  from ilr_jax.decoding import METHODS
 
   flags.DEFINE_string(
     'model', None, 'an HF model directory or one of our checkpoints', required=True
@@ -281,7 +294,7 @@ if __name__ == '__main__':
   flags.DEFINE_multi_string('prompt', None, 'a question (or a raw prompt with --raw); repeatable')
   flags.DEFINE_string('prompts_file', None, 'a text file with one question per line')
   flags.DEFINE_bool('raw', False, 'use prompts as they are instead of the USER/ASSISTANT template')
-  flags.DEFINE_enum('method', 'greedy', ['greedy', 'sample', 'beam'], 'decoding method')
+  flags.DEFINE_enum('method', 'greedy', list(METHODS), 'decoding method')
   flags.DEFINE_integer('max_new_tokens', 256, 'the most new tokens per answer')
   flags.DEFINE_float('temperature', 1.0, 'sampling temperature')
   flags.DEFINE_integer('top_k', 0, 'sample among the k most likely tokens (0: all)')

@@ -452,6 +452,15 @@ def _options(
   return backend, {k: v for k, v in cfg.items() if v is not None}
 
 
+def check_options(cfg: Mapping[str, Any] | None, prefix: str, embedder: bool = False) -> None:
+  """Raise JudgeConfigError for judge (or embedder) options that cannot work, building nothing."""
+  keys = _EMBED_KEYS if embedder else _JUDGE_KEYS
+  what = 'an embedder for agreement' if embedder else 'a pairwise judge'
+  backend, opts = _options(cfg, keys, prefix, what)
+  if backend == 'local' and not os.path.isdir(opts['model_dir']):
+    raise JudgeConfigError(f'--config.{prefix}.model_dir {opts["model_dir"]} does not exist')
+
+
 def make_judge(cfg: Mapping[str, Any] | None, prefix: str = 'task.judge') -> PairwiseJudge:
   """A pairwise judge from options {'backend': 'http' | 'local', ...} (None values ignored)."""
   backend, opts = _options(cfg, _JUDGE_KEYS, prefix, 'a pairwise judge')

@@ -65,15 +65,6 @@ def split_trainable(model: Decoder) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
   return nnx.split(model, trainable_filter(model.cfg), ...)
 
 
-def _model_mesh(model: Decoder, mesh):
-  if mesh is not None:
-    return mesh
-  found = shd.mesh_of(nnx.state(model))
-  if found is not None:
-    return found
-  return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
-
 def add_lora(
   model: Decoder,
   rank: int,
@@ -104,7 +95,7 @@ def add_lora(
   cfg = model.cfg.replace(
     lora_rank=int(rank), lora_alpha=float(alpha), lora_targets=resolve_targets(targets)
   )
-  mesh = _model_mesh(model, mesh)
+  mesh = shd.model_mesh(model, mesh)
 
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_lora, _ = nnx.split(abstract, nnx.LoRAParam, ...)
@@ -144,7 +135,7 @@ def merge_lora(model: Decoder, *, mesh=None, rules=shd.TRAIN_RULES) -> Decoder:
   if not cfg.lora_rank:
     raise ValueError('the model has no LoRA adapter to merge')
   new_cfg = cfg.replace(lora_rank=0, lora_alpha=0.0)
-  mesh = _model_mesh(model, mesh)
+  mesh = shd.model_mesh(model, mesh)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(new_cfg, rngs=nnx.Rngs(0))))
   shardings = shd.state_shardings(abstract, mesh, rules)
   scale = cfg.lora_scale
@@ -164,9 +155,3 @@ def merge_lora(model: Decoder, *, mesh=None, rules=shd.TRAIN_RULES) -> Decoder:
 
   state = jax.jit(merge, out_shardings=shardings)(nnx.state(model))
   return nnx.merge(graphdef, state)
-
-
-def num_trainable(model: Decoder) -> int:
-  """Number of trainable parameters (the adapter's under LoRA)."""
-  _, trainable, _ = split_trainable(model)
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))

@@ -8,8 +8,17 @@ Every config value can be overridden with `--config.section.field=value`; an unk
 value that cannot run is a one-line error (exit status 2) before any work starts. Rerunning a
 command resumes its workdir; a changed config value that a finished stage depends on is refused,
 naming the key, unless `--recompute_changed` is given.
+
+User errors are one line on stderr and exit status 2, always before any stage starts unless the
+problem is only found later (a corrupted file, a full disk): a bad flag or config file, a value
+that cannot run, missing data, databases or judges (preflight.py), a workdir in use by another
+run (lock.py), a changed config, a missing or corrupted record, label set or checkpoint (the line
+names the file and the `--redo=STAGE` that recomputes it). Anything else is a bug and keeps its
+traceback.
 """
 
+import contextlib
+import errno
 import sys
 
 from absl import app, flags, logging
@@ -54,16 +63,35 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
   'shutdown_timeout_s', 300, 'with --distributed: how long the last barrier at exit waits'
 )
+_REDO = flags.DEFINE_string(
+  'redo',
+  '',
+  'forget this stage and everything downstream of it (records and outputs), then run them again',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _fail(msg: str):
+  """A user error: one line on stderr, exit status 2 (absl's status for usage errors)."""
+  print(f'ilr_jax.main: {msg}'.replace('\n', ' '), file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 def _one_line(err: BaseException) -> str:
   # Overrides fail deep inside config_flags (a KeyError of a typo, a TypeError of a bad value);
   # the innermost cause names the key, the outer ones only repeat it.
-  if isinstance(err, flags.Error):
-    return str(err).replace('\n', ' ')
   err = _innermost(err)
-  return f'{type(err).__name__}: {err}'.replace('\n', ' ')
+  text = str(err).strip()
+  if 'Traceback (most recent call last)' in text:
+    # config_flags flattens a config file's exception into a traceback text: its last line is
+    # the error itself ('ilr_jax.schema.ConfigError: unknown method ...').
+    text = text.splitlines()[-1].strip()
+    return text.split(': ', 1)[1] if 'Error: ' in text else text
+  from ilr_jax import schema
+
+  if isinstance(err, (flags.Error, schema.ConfigError)):
+    return text.replace('\n', ' ')
+  return f'{type(err).__name__}: {text}'.replace('\n', ' ')
 
 
 def _innermost(err: BaseException) -> BaseException:
@@ -83,9 +111,34 @@ def _parse(argv):
       a.split('=')[0] for a in argv if a.startswith('--config.') and missing in a.split('=')[0]
     ]
     what = named[0] if named else repr(missing)
-    sys.exit(f'ilr_jax.main: unknown config key {what} (the config is locked; see the config file)')
+    _fail(f'unknown config key {what} (the config is locked; see the config file)')
   except (flags.Error, schema.ConfigError, TypeError, ValueError) as e:
-    sys.exit(f'ilr_jax.main: bad flags or config: {_one_line(e)}')
+    _fail(f'bad flags or config: {_one_line(e)}')
+
+
+def _config():
+  """The parsed config; a config file that cannot be loaded is a user error."""
+  from ilr_jax import schema
+
+  try:
+    config = _CONFIG.value
+    schema.resolve(config)  # touches the lazily loaded config file
+  except OSError as e:  # config_flags: the file does not exist or cannot be read
+    _fail(f'cannot load the --config file: {str(e).strip().splitlines()[-1].strip()}')
+  except (flags.Error, schema.ConfigError) as e:
+    _fail(f'bad flags or config: {_one_line(e)}')
+  return config
+
+
+def _artifact_line(err, config) -> str:
+  """An unreadable file as one line with its fix: the --redo of the stage that wrote it."""
+  from ilr_jax import pipeline, workdir
+
+  wd = workdir.Workdir(_WORKDIR.value, config.to_dict(), pipeline.plan(config))
+  stage = wd.stage_of(err.path)
+  if stage is None:
+    return f'{err}; replace or delete it'
+  return f'{err}; rerun with --redo={stage} to recompute that stage and everything after it'
 
 
 def main(argv):
@@ -111,14 +164,34 @@ def main(argv):
       sys.exit(f'ilr_jax.main: bad --distributed settings: {e}')
     distributed.initialize(coord)
     print(f'[ilr_jax] {distributed.describe()}', flush=True)
-  from ilr_jax import pipeline, schema, workdir
+  config = _config()
+  from ilr_jax import lock, pipeline, preflight, schema, workdir
 
   try:
-    schema.validate(_CONFIG.value)
-    pipeline.check_workdir(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
-  except (schema.ConfigError, workdir.ConfigChangedError) as e:
-    sys.exit(f'ilr_jax.main: {e}')
-  table = pipeline.run(_CONFIG.value, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
+    schema.validate(config)
+  except schema.ConfigError as e:
+    _fail(str(e))
+  try:
+    # The lock first, so a second run is refused at once; then the resources, before any stage.
+    with lock.locked(_WORKDIR.value) if workdir.is_writer() else contextlib.nullcontext():
+      preflight.check(config)
+      pipeline.check_workdir(
+        config, _WORKDIR.value, recompute_changed=_RECOMPUTE.value, redo=_REDO.value
+      )
+      table = pipeline.run(config, _WORKDIR.value, recompute_changed=_RECOMPUTE.value)
+  except schema.ConfigError as e:
+    _fail(str(e))
+  except workdir.ArtifactError as e:
+    _fail(_artifact_line(e, config))
+  except workdir.WorkdirError as e:
+    _fail(str(e))
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    _fail(
+      f'out of disk space writing {e.filename or "into " + _WORKDIR.value} ({e.strerror}); '
+      'free some space and rerun the same command: it resumes where it stopped'
+    )
   print(table, flush=True)
 
 

@@ -14,9 +14,10 @@ parameter layout is the same either way, so checkpoints do not depend on that ch
 A model is used in two ways:
   * training / scoring: `model(tokens_BT, mask_BT)` over a padded batch (left or right padding);
     positions come from the padding, so a row's result does not depend on its padding.
-  * decoding: `model.decode(tokens_BT, positions_BT, cache, cache_index, kv_mask_BS)` with an
-    explicit KV cache (`init_cache`): a prefill writes the prompt at slot 0, then one token at a
-    time. Cache in, cache out; no mutable collections.
+  * decoding: `model.decode_hidden(tokens_BT, positions_BT, cache, cache_index, kv_mask_BS)` with
+    an explicit KV cache (`init_cache`) and `model.logits` on the positions that need them: a
+    prefill writes the prompt at slot 0, then one token at a time. Cache in, cache out; no mutable
+    collections.
 
 With `num_labels` set, the LM head is replaced by a C-class score head read at the last real token,
 as transformers' `*ForSequenceClassification` does (the evaluator).
@@ -269,9 +270,8 @@ def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Arra
 def attend_kv_first(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array) -> Array:
   """`attend` over a cache laid out keys [B, K, H, S], values [B, K, S, H]: both matmuls then batch
   over (B, K) with each cache in the layout its matmul reads (keys as the [H, S] right-hand side of
-  q . k, values as the [S, H] one of p . v), so neither is transposed when decoding. (With keys
-  [B, K, S, H] XLA:CPU repacks the whole key cache for every q . k: 200 us of a bench-small layer's
-  800 us per step, against 50 us for the same-sized p . v.)"""
+  q . k, values as the [S, H] one of p . v), so neither is transposed when decoding (with keys
+  [B, K, S, H] XLA:CPU repacks the whole key cache for every q . k)."""
   b, t, n, h = q_BTNH.shape
   k, s = k_BKHS.shape[1], k_BKHS.shape[3]
   g = n // k
@@ -319,30 +319,28 @@ class Block(nnx.Module):
     inv_freq,
     kv=None,
     cache_index=None,
-    kv_first=False,
     last_only=False,
     empty_cache=False,
   ):
-    """One layer. With `kv` (this layer's cache) the new keys/values are written into it at
-    `cache_index` and attention runs over the whole cache; returns (x, new kv or None).
+    """One layer; returns (x, new kv or None).
 
-    With `kv_first` the cache is this layer's own buffers, keys [B, K, H, S] and values
-    [B, K, S, H] (loop carries, one per layer): the new slots are written in place and attention
-    reads the buffers as they are, with no transpose and no slice of a stacked [L, ...] cache,
-    which XLA on CPU copies out every step (see decode_hidden).
+    With `kv`, this layer's own cache buffers, keys [B, K, H, S] and values [B, K, S, H] (loop
+    carries, one per layer), the new keys/values are written into them at `cache_index` in place
+    and attention reads the buffers as they are: no transpose, and no slice of a stacked
+    [L, ...] cache, which XLA on CPU would copy out every step (see decode_hidden).
 
-    With `last_only` (kv-first only) every position's keys and values are written but the rest of
+    With `last_only` (with a cache) every position's keys and values are written but the rest of
     the layer runs for the last position only, which is all a prefill's final layer needs.
 
-    With `empty_cache` (kv-first only; the cache holds nothing before `cache_index` = 0) attention
-    runs over the T new keys and values themselves rather than the whole cache: only they can be
-    valid, so that is half of a prefill's attention when M new tokens follow a prompt of T.
+    With `empty_cache` (the cache holds nothing before `cache_index` = 0) attention runs over the
+    T new keys and values themselves rather than the whole cache: only they can be valid, so that
+    is half of a prefill's attention when M new tokens follow a prompt of T.
     """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
     k = apply_rope(self.k(y), q_pos_BT, inv_freq)
     v = self.v(y)
-    if kv is not None and kv_first:
+    if kv is not None:
       k_c, v_c = kv  # [B, K, H, S] and [B, K, S, H]
       new_k = k.transpose(0, 2, 3, 1).astype(k_c.dtype)
       k_c = jax.lax.dynamic_update_slice(k_c, new_k, (0, 0, 0, cache_index))
@@ -357,12 +355,6 @@ class Block(nnx.Module):
       else:
         attn = attend_kv_first(q, k_c.astype(q.dtype), v_c.astype(q.dtype), mask_BTS)
     else:
-      if kv is not None:
-        k_cache, v_cache = kv
-        start = (0, cache_index, 0, 0)
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-        kv = (k, v)
       attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
     x_BTD = x_BTD + self.o(attn)
     y = self.mlp_norm(x_BTD)
@@ -375,27 +367,20 @@ class Block(nnx.Module):
     return x_BTD, kv
 
 
-# {'k': [L, B, S, K, H], 'v': ...}; kv-first: {'k': L buffers [B, K, H, S], 'v': L buffers
-# [B, K, S, H]} (tuples)
+# {'k': L buffers [B, K, H, S], 'v': L buffers [B, K, S, H]} (tuples, one buffer per layer)
 Cache = dict[str, Any]
 
 
-def init_cache(
-  cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, kv_first: bool = False
-) -> Cache:
-  """An empty KV cache of `max_len` slots for `batch` rows: [L, B, S, K, H] arrays, or with
-  kv_first (the layout of `decode_hidden`) tuples of L buffers, keys [B, K, H, S] and values
-  [B, K, S, H]."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+  """An empty KV cache of `max_len` slots for `batch` rows, in `decode_hidden`'s layout: per layer
+  a key buffer [B, K, H, S] and a value buffer [B, K, S, H]."""
   dt = jnp.dtype(dtype or cfg.dtype)
-  if kv_first:
-    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
-    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return {
-      name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
-      for name, shape in (('k', k_shape), ('v', v_shape))
-    }
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
+  k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+  v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  return {
+    name: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    for name, shape in (('k', k_shape), ('v', v_shape))
+  }
 
 
 def positions_from_mask(mask_BT: Array) -> Array:
@@ -440,14 +425,14 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), dtype)
     return x
 
-  def _run_layers(self, x, q_pos_BT, mask_BTS, cache=None, cache_index=None):
+  def _run_layers(self, x, q_pos_BT, mask_BTS):
     cfg = self.cfg
     inv_freq = rope_frequencies(cfg)
     graphdef, stacked = nnx.split(self.layers)
 
-    def layer(x, layer_state, kv):
+    def layer(x, layer_state):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, q_pos_BT, mask_BTS, inv_freq, kv, cache_index)
+      return block(x, q_pos_BT, mask_BTS, inv_freq)[0]
 
     if cfg.remat != 'none':
       policy = None
@@ -455,25 +440,12 @@ class Decoder(nnx.Module):
         policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
 
-    kv_all = None if cache is None else (cache['k'], cache['v'])
     if cfg.scan_layers:
-
-      def body(x, xs):
-        layer_state, kv = xs
-        return layer(x, layer_state, kv)
-
-      x, kv_all = jax.lax.scan(body, x, (stacked, kv_all))
+      x, _ = jax.lax.scan(lambda x, layer_state: (layer(x, layer_state), None), x, stacked)
     else:
-      new_kv = []
       for i in range(cfg.num_layers):
-        layer_state = jax.tree.map(lambda p, i=i: p[i], stacked)
-        kv = None if kv_all is None else (kv_all[0][i], kv_all[1][i])
-        x, kv = layer(x, layer_state, kv)
-        new_kv.append(kv)
-      if kv_all is not None:
-        kv_all = (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
-    new_cache = None if cache is None else {'k': kv_all[0], 'v': kv_all[1]}
-    return self.final_norm(x), new_cache
+        x = layer(x, jax.tree.map(lambda p, i=i: p[i], stacked))
+    return self.final_norm(x)
 
   # -- public API -------------------------------------------------------------------------------
 
@@ -490,8 +462,7 @@ class Decoder(nnx.Module):
     mask_BTS = attention_mask(
       slots, slots, positions_BT, positions_BT, mask_BT.astype(bool), self.cfg.sliding_window
     )
-    h, _ = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS)
-    return h
+    return self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS)
 
   def logits(self, h: Array, tied_head_DV: Array | None = None) -> Array:
     """LM logits (float32) for hidden states of any leading shape [..., D] -> [..., V].
@@ -529,25 +500,6 @@ class Decoder(nnx.Module):
     h_BD = jnp.take_along_axis(h_BTD, last[:, None, None], axis=1)[:, 0]
     return self.score_head(h_BD).astype(jnp.float32)
 
-  def decode(
-    self, tokens_BT: Array, positions_BT: Array, cache: Cache, cache_index: Array, kv_mask_BS: Array
-  ) -> tuple[Array, Cache]:
-    """Run T new tokens against the cache; returns (logits [B, T, V] float32, new cache).
-
-    The new keys/values are written at slots [cache_index, cache_index + T). `kv_mask_BS` marks the
-    valid slots, the new ones included; key positions are the running count of valid slots, so
-    a prompt must occupy a prefix of slots with its padding before it (left padding).
-    """
-    t = tokens_BT.shape[1]
-    s = cache['k'].shape[2]
-    q_slot = cache_index + jnp.arange(t)
-    k_pos = positions_from_mask(kv_mask_BS)
-    mask_BTS = attention_mask(
-      q_slot, jnp.arange(s), positions_BT, k_pos, kv_mask_BS.astype(bool), self.cfg.sliding_window
-    )
-    h, cache = self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS, cache, cache_index)
-    return self.logits(h), cache
-
   def layer_states(self) -> list[Any]:
     """Each layer's parameters sliced out of the stack ([L, ...] -> L states of [...]).
 
@@ -571,14 +523,18 @@ class Decoder(nnx.Module):
     layer_states: list[Any] | None = None,
     prefill: bool = False,
   ) -> tuple[Array, Cache]:
-    """`decode` without the LM head: (final-norm hidden states [B, T, D], new cache).
+    """Run T new tokens against the cache: (final-norm hidden states [B, T, D], new cache).
 
-    Same contract as `decode`, but the cache is in the kv-first layout, per layer one key buffer
-    [B, K, H, S] and one value buffer [B, K, S, H] (`init_cache(..., kv_first=True)`): each layer
-    writes its new slots into its own buffers in place and attends over them as they are, so a
-    decode loop over donated state never copies, slices or transposes the cache (the sampler's
-    path). The layers run unrolled. The caller applies `logits` to the positions it needs. With
-    `layer_states` (from `layer_states()`) the layers use those pre-sliced weights.
+    The new keys/values are written at slots [cache_index, cache_index + T). `kv_mask_BS` marks the
+    valid slots, the new ones included; key positions are the running count of valid slots, so
+    a prompt must occupy a prefix of slots with its padding before it (left padding).
+
+    The cache (`init_cache`) holds per layer one key buffer [B, K, H, S] and one value buffer
+    [B, K, S, H]: each layer writes its new slots into its own buffers in place and attends over
+    them as they are, so a decode loop over donated state never copies, slices or transposes the
+    cache. The layers run unrolled. The LM head is left to the caller, who applies `logits` to
+    the positions it needs. With `layer_states` (from `layer_states()`) the layers use those
+    pre-sliced weights.
 
     With `prefill` (the cache is empty and `cache_index` is 0, as for a sampler's prompts) the
     layers attend over the T new keys and values only, and the hidden states are [B, 1, D], the
@@ -608,7 +564,6 @@ class Decoder(nnx.Module):
         inv_freq,
         (ks[i], vs[i]),
         cache_index,
-        kv_first=True,
         last_only=last,
         empty_cache=prefill,
       )

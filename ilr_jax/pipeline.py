@@ -40,6 +40,7 @@ from ilr_jax.schema import (
   DPO_METHODS,
   EVALUATOR_METHODS,
   ILR_METHODS,
+  NO_RESULT_KEYS,
   uses_evaluator,
   validate,
 )
@@ -139,8 +140,9 @@ def plan(config) -> list[Stage]:
   return st
 
 
-def check_workdir(config, workdir: str, recompute_changed: bool = False):
-  """Build the stage plan and compare it with what the workdir holds; no work is done.
+def check_workdir(config, workdir: str, recompute_changed: bool = False, redo: str = ''):
+  """Build the stage plan and compare it with what the workdir holds; no work is done, except
+  that `redo` forgets that stage and everything downstream of it first.
 
   Returns the Workdir. Raises ConfigChangedError naming a changed key (see workdir.py).
   """
@@ -152,7 +154,10 @@ def check_workdir(config, workdir: str, recompute_changed: bool = False):
     plan(config),
     recompute_changed=recompute_changed,
     kill_at=config.debug.kill_at,
+    ignore=NO_RESULT_KEYS,
   )
+  if redo:
+    wd.redo(redo)
   wd.check()
   return wd
 
@@ -299,6 +304,7 @@ def _fit(run: Run, stage: str, model, examples, loss: str, tcfg, **options):
     config=cfg,
     workdir=run.wd.path(stage, 'fit'),
     mesh=run.mesh,
+    after_save=run.wd.fit_hook(stage),
     **options,
   )
 
@@ -312,13 +318,10 @@ def _sft_examples(run: Run, role: str, questions, answers):
 
 def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> list[list[str]]:
   """Answers per question (a list of num_samples texts each) with the task's decoding for `use`."""
-  from ilr_jax import generate, sampler
+  from ilr_jax import decoding, generate
 
   d = run.task.decoding[use]
-  if d.method == 'beam':
-    method = sampler.BeamSearch(num_beams=d.num_beams)
-  else:
-    method = sampler.Sample(temperature=d.temperature)
+  method = decoding.method_from_name(d.method, temperature=d.temperature, num_beams=d.num_beams)
   result = generate.generate_answers(
     model,
     run.tok(role),
@@ -332,8 +335,7 @@ def _generate(run: Run, model, role: str, questions, use: str, stage: str) -> li
     desc=f'{stage} ({use})',
     scores=False,  # only the texts are used
   )
-  texts = result.texts
-  return [t if isinstance(t, list) else [t] for t in texts]
+  return result.texts
 
 
 def _evaluate(run: Run, model, role: str, stage: str) -> dict:
@@ -936,8 +938,9 @@ def run(config, workdir: str, recompute_changed: bool = False) -> str:
     _enable_compile_cache(config.compile_cache_dir or wd.root / 'jax_cache')
   runner = Run(config, wd)
   _execute(runner, wd)
-  rows = results(config, wd)
-  title = f'{config.task.name}: {", ".join(config.methods)} (seed {config.seed})'
+  rows = report.with_other_methods(wd.root / 'results.jsonl', results(config, wd))
+  methods = dict.fromkeys(r['method'] for r in rows if r['method'] not in ('supervisor', 'sft'))
+  title = f'{config.task.name}: {", ".join(methods) or "sft"} (seed {config.seed})'
   table = ''
   if is_writer():
     table = report.write_report(wd.root, rows, title=title)

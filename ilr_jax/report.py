@@ -52,7 +52,23 @@ def write_results(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) ->
 
 
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+  return wdlib.load(
+    path,
+    lambda p: [json.loads(line) for line in p.read_text().splitlines() if line],
+    'results file',
+  )
+
+
+def with_other_methods(
+  path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+  """`rows` plus the rows of other methods already in results.jsonl at `path` (an earlier run of
+  another method in the same workdir), so that runs of different methods accumulate."""
+  rows = [dict(r) for r in rows]
+  if not pathlib.Path(path).exists():
+    return rows
+  mine = {r['method'] for r in rows}
+  return [r for r in read_results(path) if r['method'] not in mine] + rows
 
 
 def _num(x: Any) -> float:

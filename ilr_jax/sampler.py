@@ -12,7 +12,8 @@ A batch of left-padded prompts [B, P] is decoded in two jitted calls:
     new slot into the loop-carried cache).
 
 Model parameters are jit arguments, never static: a new model of the same architecture (another
-round's adapter) reuses the compiled code. Methods are small frozen dataclasses and are static.
+round's adapter) reuses the compiled code. Methods are small frozen dataclasses and are static;
+they and the choice of a token from the logits live in decoding.py.
 
 Randomness is per row: a row's key is `fold_in(key(seed), row_id)`, then folded with the sample
 index and the step, so a prompt's samples depend only on (seed, its row id), not on the other rows,
@@ -43,6 +44,15 @@ from jax.sharding import PartitionSpec as P
 
 from ilr_jax import lora
 from ilr_jax import sharding as shd
+from ilr_jax.decoding import (
+  GREEDY,
+  BeamSearch,
+  Greedy,
+  Method,
+  Sample,
+  beam_candidates,
+  choose,
+)
 from ilr_jax.model import Cache, Decoder, init_cache, positions_from_mask
 
 Array = jax.Array
@@ -50,194 +60,6 @@ NEG = -1.0e9  # transformers' "impossible" beam score, added (not assigned) exac
 
 # Number of times each jitted function was traced, by name; tests use it to bound compilations.
 TRACES: collections.Counter = collections.Counter()
-
-
-# -- methods -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Greedy:
-  """Argmax decoding (transformers' do_sample=False, num_beams=1; ties go to the lowest id)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  """Ancestral sampling from softmax(logits / temperature), restricted to the top_k tokens
-  (0: all) and then to the smallest set of most likely tokens whose probability reaches top_p,
-  in transformers' order (temperature, top-k, top-p)."""
-
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-
-  def __post_init__(self):
-    if not self.temperature > 0:
-      raise ValueError(f'temperature must be > 0 (use Greedy for 0), got {self.temperature}')
-    if self.top_k < 0:
-      raise ValueError(f'top_k must be >= 0 (0 disables it), got {self.top_k}')
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
-
-
-@dataclasses.dataclass(frozen=True)
-class BeamSearch:
-  """Beam search with transformers' candidates, finishing rule and length penalty."""
-
-  num_beams: int = 4
-  length_penalty: float = 1.0
-  early_stopping: bool | str = False  # False, True or 'never'
-
-  def __post_init__(self):
-    if self.num_beams < 1:
-      raise ValueError(f'num_beams must be >= 1, got {self.num_beams}')
-    if self.early_stopping not in (False, True, 'never'):
-      raise ValueError(
-        f"early_stopping must be False, True or 'never', got {self.early_stopping!r}"
-      )
-
-
-Method = Greedy | Sample | BeamSearch
-GREEDY = Greedy()
-
-
-def parse_method(name: str, **kwargs) -> Method:
-  """A method from its name ('greedy', 'sample', 'beam') and its fields."""
-  table = {'greedy': Greedy, 'sample': Sample, 'beam': BeamSearch}
-  if name not in table:
-    raise ValueError(f'unknown decoding method {name!r}; expected one of {sorted(table)}')
-  return table[name](**kwargs)
-
-
-# -- token choice ------------------------------------------------------------------------------
-
-
-def processed_logits(logits_BV: Array, method: Sample) -> Array:
-  """Logits after temperature, top-k and top-p; removed tokens are -inf."""
-  logits = logits_BV.astype(jnp.float32) / method.temperature
-  v = logits.shape[-1]
-  if method.top_k and method.top_k < v:
-    # The k-th value as the min of the top k: slicing it out ([:, -1:]) makes XLA:CPU drop its
-    # TopK kernel for a full sort of the vocabulary (80 ms instead of 1 ms for [16, 32000]).
-    kth = jnp.min(jax.lax.top_k(logits, method.top_k)[0], axis=-1, keepdims=True)
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if method.top_p < 1.0:
-    probs = jax.nn.softmax(logits, axis=-1)
-    logits = jnp.where(probs < top_p_threshold(probs, method.top_p), -jnp.inf, logits)
-  return logits
-
-
-def top_p_threshold(probs_BV: Array, top_p: float) -> Array:
-  """[B, 1]: the least probability that top-p keeps. A token is kept when the mass of the tokens
-  strictly likelier than it is below top_p (transformers' rule: the smallest set of likeliest
-  tokens whose mass reaches top_p; the most likely token, with nothing likelier, is always kept),
-  so the kept tokens are those with p >= the smallest p_i whose likelier mass S(p_i) =
-  sum(p_j > p_i) is below top_p.
-
-  S is a non-increasing step function that steps down exactly at the probabilities, so that
-  p_i is the smallest t with S(t) < top_p: a bisection over t on the float's bit pattern
-  (probabilities are >= 0, so their int32 patterns order as the floats do; 31 halvings cover
-  [0, 1]) finds it exactly, with one masked sum over the vocabulary per halving. Sorting the
-  vocabulary instead costs XLA:CPU about 100 ms per step for [16, 32000]; ties at the threshold
-  are all kept either way."""
-  probs = probs_BV.astype(jnp.float32)
-  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
-  hi = jnp.max(bits, axis=-1, keepdims=True)  # S(max p) = 0 < top_p: always a valid threshold
-  lo = jnp.full_like(hi, -1)  # below every probability (S there is the whole mass)
-
-  def halve(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    mass = jnp.sum(jnp.where(bits > mid, probs, 0.0), axis=-1, keepdims=True)
-    below = mass < top_p
-    open_ = hi - lo > 1
-    return jnp.where(open_ & ~below, mid, lo), jnp.where(open_ & below, mid, hi)
-
-  _, hi = jax.lax.fori_loop(0, 31, halve, (lo, hi))
-  return jax.lax.bitcast_convert_type(hi, jnp.float32)
-
-
-BLOCK = 128  # tokens per block: inverse CDF, greedy argmax and beam candidates
-
-
-def max_and_first_argmax(x_BV: Array, block: int = BLOCK) -> tuple[Array, Array]:
-  """Each row's maximum and the index of its first occurrence (jnp.argmax's tie rule), from one
-  pass over x (block maxima), then the first block that holds the maximum and the first match in
-  it. (XLA:CPU's argmax reduction, or a max followed by a min over a [B, V] array of indices, takes
-  two or three passes over the logits; a row of NaNs gives V - 1.)"""
-  b, v = x_BV.shape
-  nb = -(-v // block)
-  xb = jnp.pad(x_BV, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf)
-  xb = xb.reshape(b, nb, block)
-  block_max = jnp.max(xb, axis=-1)
-  top = jnp.max(block_max, axis=-1)
-  blk = jnp.min(jnp.where(block_max == top[:, None], jnp.arange(nb, dtype=jnp.int32), nb), axis=-1)
-  blk = jnp.minimum(blk, nb - 1)
-  inner = jnp.take_along_axis(xb, blk[:, None, None], axis=1)[:, 0]
-  pos = jnp.min(jnp.where(inner == top[:, None], jnp.arange(block, dtype=jnp.int32), block), -1)
-  return top, jnp.minimum(blk * block + pos, v - 1)
-
-
-def inverse_cdf(weights_BV: Array, u_B: Array) -> Array:
-  """Per row, the token i with cdf[i - 1] <= u * total < cdf[i], for weights >= 0 (unnormalised)
-  and u in [0, 1): the block sums' running total picks a block of BLOCK tokens, then that block's
-  running total picks the token. (A flat cumsum over the vocabulary is an associative scan on XLA
-  CPU, several times slower.) Tokens of weight 0 are never chosen, even where rounding brings
-  u * total up to the total."""
-  b, v = weights_BV.shape
-  nb = -(-v // BLOCK)
-  w = jnp.pad(weights_BV, ((0, 0), (0, nb * BLOCK - v))).reshape(b, nb, BLOCK)
-  block_cdf = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)
-  total = block_cdf[:, -1:]
-  t = u_B[:, None] * total
-  # The second count is the last block (token) that carries weight: the clamp for rounding.
-  j = jnp.minimum(jnp.sum(block_cdf <= t, axis=-1), jnp.sum(block_cdf < total, axis=-1))
-  before = jnp.take_along_axis(block_cdf, jnp.maximum(j - 1, 0)[:, None], axis=-1)
-  before = jnp.where(j[:, None] > 0, before, 0.0)
-  inner_cdf = before + jnp.cumsum(jnp.take_along_axis(w, j[:, None, None], axis=1)[:, 0], axis=-1)
-  k = jnp.minimum(jnp.sum(inner_cdf <= t, axis=-1), jnp.sum(inner_cdf < inner_cdf[:, -1:], axis=-1))
-  return (j * BLOCK + k).astype(jnp.int32)
-
-
-def greedy_choice(logits_BV: Array, with_logp: bool = True) -> tuple[Array, Array | None]:
-  """(argmax token, its log-prob or None) per row; the argmax's max shifts the logsumexp."""
-  x = logits_BV.astype(jnp.float32)
-  top, tok = max_and_first_argmax(x)
-  if not with_logp:
-    return tok, None
-  return tok, -jnp.log(jnp.sum(jnp.exp(x - top[:, None]), axis=-1))
-
-
-def sample_choice(
-  logits_BV: Array, u_B: Array, method: Sample, with_logp: bool = True
-) -> tuple[Array, Array | None]:
-  """(sampled token, its log-prob under the model's logits or None) per row, by inverse CDF of the
-  processed distribution with one uniform u in [0, 1) per row (cheaper than Gumbel noise over the
-  vocabulary). One max serves both exponentials: top-k and top-p always keep the most likely
-  token, so the processed logits' max is the logits' max / temperature."""
-  x = logits_BV.astype(jnp.float32)
-  m = jnp.max(x, axis=-1, keepdims=True)
-  weights = jnp.exp(processed_logits(x, method) - m / method.temperature)  # removed tokens: 0
-  tok = inverse_cdf(weights, u_B)
-  if not with_logp:
-    return tok, None
-  picked = jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0]
-  return tok, picked - m[:, 0] - jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
-
-
-def sample_tokens(logits_BV: Array, keys_B: Array, method: Sample) -> Array:
-  """One token per row from the processed distribution; `keys_B` are typed PRNG keys."""
-  u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
-  return sample_choice(logits_BV, u, method)[0]
-
-
-def choose(
-  logits_BV: Array, u_B: Array | None, method: Greedy | Sample, with_logp: bool = True
-) -> tuple[Array, Array | None]:
-  """(next token, its log-prob under the model or None) of every row for `method`; `u_B` are the
-  rows' uniforms for this step (unused by greedy)."""
-  if isinstance(method, Greedy):
-    return greedy_choice(logits_BV, with_logp)
-  return sample_choice(logits_BV, u_B, method, with_logp)
 
 
 # -- state -------------------------------------------------------------------------------------
@@ -312,7 +134,7 @@ def _prefill_logits(
 ):
   """Run the prompts into a fresh cache; returns (last-position logits [B, V], cache, kv_mask)."""
   b, p = tokens_BP.shape
-  cache = init_cache(model.cfg, b, cache_len, kv_first=True)
+  cache = init_cache(model.cfg, b, cache_len)
   kv_mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(mask_BP)
   positions = positions_from_mask(mask_BP)
   # Only the last slot's logits are needed (every prompt ends there): the final layer's attention
@@ -321,14 +143,25 @@ def _prefill_logits(
   return model.logits(h[:, -1], head_DV), cache, kv_mask
 
 
+def _step_logits(model: Decoder, head_DV, layers, s, last_R: Array, slot: Array):
+  """One decode step of every row: its last token `last_R` into cache slot `slot`; returns
+  (logits [R, V], new cache, new kv_mask) for a state `s` with positions_R, kv_mask_RS, cache."""
+  ones = jnp.ones((s.kv_mask_RS.shape[0], 1), jnp.int32)
+  kv_mask = jax.lax.dynamic_update_slice(s.kv_mask_RS, ones, (0, slot))
+  h, cache = model.decode_hidden(
+    last_R[:, None], s.positions_R[:, None], s.cache, slot, kv_mask, layers
+  )
+  return model.logits(h[:, 0], head_DV), cache, kv_mask
+
+
 def _repeat_rows(x: Array, n: int, axis: int = 0) -> Array:
   return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
 
 def _row_uniforms(seed: Array, row_ids_B: Array, n: int, m: int) -> Array:
   """[B * n, m] uniforms in [0, 1): key(seed) folded with the row id, then with the sample index,
-  then with the step. Drawn for every step before the loop (the threefry rounds are a loop of
-  their own on CPU, about 70 us per step inside the decode loop)."""
+  then with the step. Drawn for every step before the loop: inside the decode loop the threefry
+  rounds are a loop of their own on CPU, run once per step."""
   base = jax.random.key(seed)
   rows = jax.vmap(jax.random.fold_in, (None, 0))(base, row_ids_B)
   keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, jnp.arange(n)))(rows)
@@ -386,15 +219,8 @@ def _sample_decode(graphdef, weights, state: SamplingState, *, spec: _Spec) -> S
     return (s.step < m) & ~jnp.all(s.done_R)
 
   def body(s: SamplingState) -> SamplingState:
-    slot = prompt_len + s.step - 1
     last = jax.lax.dynamic_index_in_dim(s.tokens_RM, s.step - 1, axis=1, keepdims=False)
-    kv_mask = jax.lax.dynamic_update_slice(
-      s.kv_mask_RS, jnp.ones((s.kv_mask_RS.shape[0], 1), jnp.int32), (0, slot)
-    )
-    h, cache = model.decode_hidden(
-      last[:, None], s.positions_R[:, None], s.cache, slot, kv_mask, layers
-    )
-    logits = model.logits(h[:, 0], head)
+    logits, cache, kv_mask = _step_logits(model, head, layers, s, last, prompt_len + s.step - 1)
     u = None
     if isinstance(spec.method, Sample):
       u = jax.lax.dynamic_index_in_dim(s.uniforms_RM, s.step, axis=1, keepdims=False)
@@ -423,45 +249,6 @@ def _gather(x_BK: Array, idx_BJ: Array) -> Array:
   """x[b, idx[b, j], ...] (transformers' _gather_beams)."""
   idx = idx_BJ.reshape(idx_BJ.shape + (1,) * (x_BK.ndim - 2))
   return jnp.take_along_axis(x_BK, idx, axis=1)
-
-
-def beam_candidates(
-  logits_BNV: Array, running_BN: Array, k: int, block: int = BLOCK
-) -> tuple[Array, Array]:
-  """The top k of each prompt's candidates log_softmax(logits) + running score over its N beams'
-  [N * V] tokens: `top_k` of them, with the same values, indices and tie order, without writing
-  the [B, N * V] candidates. A candidate is f(x) = ((x - max) - logsumexp) + running, the
-  operations of jax.nn.log_softmax and the add, in that order: f is non-decreasing (each rounding
-  is), so a block's largest candidate is f of its largest logit; f is applied to the block maxima
-  to choose the k blocks, and to those blocks' entries only."""
-  b, nb, v = logits_BNV.shape
-  x = logits_BNV.astype(jnp.float32)
-  nblk = -(-v // block)
-  xb = jnp.pad(x, ((0, 0), (0, 0), (0, nblk * block - v)), constant_values=-jnp.inf)
-  xb = xb.reshape(b, nb, nblk, block)
-  block_max = jnp.max(xb, axis=-1)  # [B, N, nblk]
-  mx = jnp.max(block_max, axis=-1, keepdims=True)  # [B, N, 1]
-  lse = jnp.log(jnp.sum(jnp.exp(x - mx), axis=-1, keepdims=True))
-  run = running_BN[:, :, None]
-
-  def f(y, mx, lse, run):
-    return ((y - mx) - lse) + run
-
-  if nb * nblk <= k:  # too few blocks to skip any
-    return jax.lax.top_k(f(x, mx, lse, run).reshape(b, nb * v), k)
-  blocks = jax.lax.top_k(f(block_max, mx, lse, run).reshape(b, nb * nblk), k)[1]
-  blocks = jnp.sort(blocks, axis=-1)  # candidates in index order keep lax.top_k's tie order
-  beam, blk = blocks // nblk, blocks % nblk
-  cand = xb[jnp.arange(b)[:, None], beam, blk]  # [B, k, block]
-
-  def of_beam(a):  # a row's [B, N, 1] value for each chosen block: [B, k, 1]
-    return jnp.take_along_axis(a[..., 0], beam, axis=1)[..., None]
-
-  cand = f(cand, of_beam(mx), of_beam(lse), of_beam(run)).reshape(b, k * block)
-  values, pos = jax.lax.top_k(cand, k)
-  token = jnp.take_along_axis(blk, pos // block, axis=1) * block + pos % block
-  idx = jnp.take_along_axis(beam, pos // block, axis=1) * v + token
-  return values, idx.astype(jnp.int32)
 
 
 def _beam_step(s: BeamState, logits_RV: Array, method: BeamSearch, spec: _Spec):
@@ -594,15 +381,10 @@ def _beam_decode(graphdef, weights, state: BeamState, *, spec: _Spec) -> BeamSta
     # first (before this step writes its slot, so the gather reads the loop-carried buffers and
     # writes back into them in place; after the write XLA would copy every cache each step).
     s = dataclasses.replace(s, cache=_reorder_cache(s.cache, s.parent_BN, prompt_len))
-    slot = prompt_len + s.step - 1
     last = jax.lax.dynamic_index_in_dim(s.running_BNM, s.step - 1, axis=2, keepdims=False)
-    kv_mask = jax.lax.dynamic_update_slice(
-      s.kv_mask_RS, jnp.ones((s.kv_mask_RS.shape[0], 1), jnp.int32), (0, slot)
+    logits, cache, kv_mask = _step_logits(
+      model, head, layers, s, last.reshape(-1), prompt_len + s.step - 1
     )
-    h, cache = model.decode_hidden(
-      last.reshape(-1, 1), s.positions_R[:, None], s.cache, slot, kv_mask, layers
-    )
-    logits = model.logits(h[:, 0], head)
     s = dataclasses.replace(s, positions_R=s.positions_R + 1, kv_mask_RS=kv_mask)
     s, parent = _beam_step(s, logits, method, spec)
     return dataclasses.replace(s, cache=cache, parent_BN=parent)
@@ -646,14 +428,12 @@ class Sampler:
   """Decoding for one model on one mesh; parameters are placed once with the decode rules.
 
   A LoRA adapter is merged into the kernels once, here (W + alpha / R * A @ B, as PEFT's
-  merge_and_unload), so the decode loop runs the base architecture: unmerged, rank 64 on all
-  seven projections adds 14 small matmuls per layer and step (11% of greedy bench-small time).
-  The model passed in is not changed.
+  merge_and_unload), so the decode loop runs the base architecture: unmerged, every adapted
+  projection adds two small matmuls per layer and step. The model passed in is not changed.
 
   On CPU a tied embedding [V, D] is also kept transposed, [D, V], for the LM head: XLA:CPU's
-  matmul with the [V, D] operand as it is runs about 15% slower (bench-small gemma, greedy: 7-10%
-  of the whole generation). It costs a second copy of the embedding, so accelerators (whose
-  matmuls take either layout) do not get it.
+  matmul with the [V, D] operand as it is runs slower (docs/PERFORMANCE.md). It costs a second
+  copy of the embedding, so accelerators (whose matmuls take either layout) do not get it.
 
   Args:
     model: a Decoder with an LM head, with or without a LoRA adapter.
@@ -664,8 +444,7 @@ class Sampler:
   def __init__(self, model: Decoder, *, mesh=None, rules=shd.DECODE_RULES):
     if model.cfg.num_labels:
       raise ValueError('the model has a score head, not an LM head: it cannot generate')
-    if mesh is None:
-      mesh = shd.mesh_of(nnx.state(model)) or shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = shd.model_mesh(model, mesh)
     self.mesh = mesh
     self.rules = tuple(rules)
     if model.cfg.lora_rank:
@@ -793,24 +572,16 @@ class Sampler:
     return _outputs(state, spec, b)
 
 
-def _host(x: Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _outputs(state, spec: _Spec, b: int) -> SampleOutput:
   if isinstance(state, BeamState):
-    tokens = _host(state.finished_BNM[:, :1])
-    lengths = _host(state.finished_len_BN[:, :1])
-    scores = _host(state.finished_scores_BN[:, :1])
+    tokens = shd.to_host(state.finished_BNM[:, :1])
+    lengths = shd.to_host(state.finished_len_BN[:, :1])
+    scores = shd.to_host(state.finished_scores_BN[:, :1])
   else:
     n = spec.num_samples
-    tokens = _host(state.tokens_RM).reshape(b, n, -1)
-    lengths = _host(state.lengths_R).reshape(b, n)
-    scores = _host(state.scores_R).reshape(b, n) if spec.scores else None
+    tokens = shd.to_host(state.tokens_RM).reshape(b, n, -1)
+    lengths = shd.to_host(state.lengths_R).reshape(b, n)
+    scores = shd.to_host(state.scores_R).reshape(b, n) if spec.scores else None
   last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
   stopped = np.isin(last, np.asarray(spec.stop_ids, np.int32)) & (lengths > 0)
   return SampleOutput(tokens=tokens, lengths=lengths, scores=scores, stopped=stopped)

@@ -28,6 +28,19 @@ class ConfigError(ValueError):
   """A config value that cannot run; the message names the `--config.` flag to fix."""
 
 
+# Config keys that say where a resource is or how fast to use it, never what a stage computes:
+# they are left out of every stage's fingerprint (workdir.py), so setting a forgotten database
+# folder or another worker count never invalidates finished work.
+NO_RESULT_KEYS = (
+  'task.db_root',
+  'task.num_workers',
+  'task.timeout_s',
+  'task.judge.base_url',
+  'task.judge.num_threads',
+  'task.embedder.base_url',
+)
+
+
 # -- config schema ---------------------------------------------------------------------------------
 
 
@@ -52,7 +65,9 @@ def _model(preset: str, init: str = 'hf') -> ml_collections.ConfigDict:
   m.preset = preset  # the architecture, looked up by name (presets.py); `pretrain` builds it
   m.init = init  # 'hf' (model_dir is an HF dir), 'checkpoint' (ours), 'pretrain' (arith)
   m.model_dir = config_dict.placeholder(str)
-  m.tokenizer = m.get_ref('model_dir')  # an HF dir or a SentencePiece .model file
+  # An HF dir or a SentencePiece .model file; unset, `resolve` makes it model_dir. A field of its
+  # own (not a reference to model_dir), so setting one of the two never changes the other.
+  m.tokenizer = config_dict.placeholder(str)
   m.dtype = 'float32'
   m.param_dtype = 'float32'
   m.remat = 'none'
@@ -197,8 +212,20 @@ def model_roles(config) -> tuple[str, ...]:
   return ('supervisor', 'student') + (('evaluator',) if uses_evaluator(config.methods) else ())
 
 
+def resolve(config) -> None:
+  """Fill in the defaults that depend on other fields: an unset tokenizer is its model_dir."""
+  for role in ('supervisor', 'student', 'evaluator'):
+    m = config[role]
+    if not m.tokenizer and m.model_dir:
+      m.tokenizer = m.model_dir
+
+
 def validate(config, num_devices: int | None = None) -> None:
-  """Raise ConfigError (one line, naming the flag) for a config that cannot run. No work done."""
+  """Raise ConfigError (one line, naming the flag) for a config that cannot run. No work done.
+
+  Resolves the config first (`resolve`).
+  """
+  resolve(config)
   methods = tuple(config.methods)
   _need(bool(methods), '--config.methods is empty')
   bad = [m for m in methods if m not in METHODS]

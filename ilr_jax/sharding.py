@@ -9,7 +9,6 @@ TPU slice; only the mesh shape changes.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,27 +37,6 @@ TRAIN_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 # Decoding rules: no fsdp gathering inside the decode loop, so parameters are only split over
 # tensor (and replicated over data/fsdp, which then act as batch axes).
 DECODE_RULES = tuple((name, None if axis == 'fsdp' else axis) for name, axis in TRAIN_RULES)
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Mesh axis sizes; one of them may be -1 (all remaining devices)."""
-
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-
-
-def mesh_from_config(cfg: MeshConfig | Mapping[str, int]) -> Mesh:
-  """The mesh of a MeshConfig or of a config section with fields data, fsdp and tensor."""
-  if isinstance(cfg, MeshConfig):
-    return make_mesh(cfg.data, cfg.fsdp, cfg.tensor)
-  # A plain mapping or an ml_collections ConfigDict section.
-  sizes = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
-  unknown = set(sizes) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f'unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}')
-  return make_mesh(**{k: int(v) for k, v in sizes.items()})
 
 
 def make_mesh(
@@ -171,6 +149,16 @@ def put(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of a placed array as numpy, on every process (gathered across hosts on a
+  multi-host slice, where no process holds all the shards)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, batch_axis: int = 0) -> dict:
   """Place a dict of host arrays with dimension `batch_axis` split over data x fsdp."""
   n = batch_size_multiple(mesh)
@@ -186,11 +174,6 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, batch_axis: int = 0
   return out
 
 
-def tree_shardings(tree: Any) -> Any:
-  """The shardings of a pytree of placed arrays (for jit's in/out shardings)."""
-  return jax.tree.map(lambda x: x.sharding, tree)
-
-
 def mesh_of(tree: Any) -> Mesh | None:
   """The mesh that a pytree's arrays are placed on, or None if they carry no NamedSharding."""
   for leaf in jax.tree.leaves(tree):
@@ -198,6 +181,22 @@ def mesh_of(tree: Any) -> Mesh | None:
     if isinstance(sharding, NamedSharding):
       return sharding.mesh
   return None
+
+
+def single_device_mesh() -> Mesh:
+  """A 1 x 1 x 1 mesh on the first device: where a model goes when no mesh is given."""
+  return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def model_mesh(model: Any, mesh: Mesh | None = None) -> Mesh:
+  """`mesh` if given, else the mesh the model's parameters live on, else `single_device_mesh()`.
+
+  A model built without a mesh (a test's, a freshly converted one) then works in every function
+  that takes an optional mesh, and a placed model keeps its placement.
+  """
+  if mesh is not None:
+    return mesh
+  return mesh_of(nnx.state(model)) or single_device_mesh()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

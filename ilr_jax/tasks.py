@@ -153,7 +153,7 @@ class Task(abc.ABC):
   # --- loading ---
   def _source_rows(self, split: str) -> list[dict[str, Any]]:
     if self.data_dir is not None:
-      dd = datasets.load_from_disk(os.fspath(self.data_dir))
+      dd = self._load_data_dir()
       if split not in dd:
         raise KeyError(f'{self.name}: no split {split!r} in {self.data_dir} (has {list(dd)})')
       return dd[split].to_list()
@@ -163,6 +163,21 @@ class Task(abc.ABC):
       f'{self.name}: no data source; set --config.task.data_dir (a datasets.save_to_disk folder, '
       'see data/README.md) or --config.task.hub_id on a machine with internet'
     )
+
+  def _load_data_dir(self) -> datasets.DatasetDict:
+    where = f'{self.name}: --config.task.data_dir {self.data_dir}'
+    try:
+      dd = datasets.load_from_disk(os.fspath(self.data_dir))
+    except FileNotFoundError as e:
+      raise ValueError(f'{where} is not a datasets.save_to_disk folder ({e})') from None
+    except IndexError:  # what datasets raises loading a split saved with 0 rows
+      raise ValueError(f'{where} holds a split with 0 rows; every split needs rows') from None
+    if not isinstance(dd, datasets.DatasetDict):
+      raise ValueError(
+        f'{where} holds one {type(dd).__name__} of {len(dd)} rows, not a DatasetDict of splits; '
+        "save it as datasets.DatasetDict({'train': ..., 'test': ...})"
+      )
+    return dd
 
   def _example(self, row: Mapping[str, Any], id_: str) -> Example | str:
     """The row as an Example, or the reason it is bad."""

@@ -91,6 +91,11 @@ class Tokenizer:
     """Token ids of `text`, without special tokens."""
     return list(self._encode(text))
 
+  def encode_with_bos(self, text: str) -> list[int]:
+    """[BOS] + encode(text), without the BOS where the tokenizer has none: how every sequence
+    the models see starts."""
+    return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
+
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`, special tokens dropped."""
     return self._decode(ids)
@@ -102,8 +107,7 @@ def prompt_text(question: str) -> str:
 
 def prompt_ids(tok: Tokenizer, question: str) -> list[int]:
   """[BOS] + the formatted prompt: what the sampler is given for `question`."""
-  bos = [tok.bos_id] if tok.bos_id is not None else []
-  return bos + tok.encode(prompt_text(question))
+  return tok.encode_with_bos(prompt_text(question))
 
 
 def sft_example(tok: Tokenizer, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,12 @@ place. The record of a stage is written only after all its outputs are in place,
 killed at any moment leaves either a finished stage or one that a rerun recomputes (resuming from
 the checkpoints its training loop left), never a half-written artifact that a later run trusts.
 
+Faults (the workdir lock is lock.py). Every record, label set and checkpoint is read through
+`load`, which turns a missing or corrupted file into one ArtifactError naming the path; `redo`
+forgets a stage and everything downstream of it (`--redo=STAGE`). Config keys in `ignore`
+(resource locations, worker counts, timeouts) are never part of a fingerprint: changing them
+never invalidates a stage.
+
 Multi-host: every process builds the same stages; only process 0 writes non-array artifacts
 (`is_writer`); `sync` is a barrier so the others read what process 0 wrote.
 """
@@ -36,6 +42,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import tempfile
@@ -59,8 +66,42 @@ LABEL_COLUMNS = (
 LABEL_SOURCES = ('weak', 'proposal', 'gt')
 
 
-class ConfigChangedError(ValueError):
+class WorkdirError(ValueError):
+  """A workdir problem the user fixes (the message says how); main prints it as one line."""
+
+
+class ConfigChangedError(WorkdirError):
   """A finished (or started) stage was computed with a different value of a config key."""
+
+
+class ArtifactError(WorkdirError):
+  """A file a run reads is missing or unreadable; `path` names it (main adds the --redo fix)."""
+
+  def __init__(self, path: str | os.PathLike, problem: str):
+    self.path = pathlib.Path(path).absolute()
+    self.problem = problem
+    super().__init__(f'{self.path}: {problem}')
+
+
+# What a truncated, emptied or overwritten file raises while being parsed: JSONDecodeError and
+# pyarrow's ArrowInvalid are ValueErrors, tensorstore reports corrupt chunks as ValueError, and a
+# JSON file of the wrong shape fails with KeyError / TypeError. Only reads are wrapped, so a bug
+# elsewhere still ends in its own traceback.
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError)
+
+
+def load(path: str | os.PathLike, read: Callable[[pathlib.Path], Any], what: str) -> Any:
+  """`read(path)`, with a missing or corrupted file turned into one ArtifactError naming it."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise ArtifactError(path, f'{what} is missing')
+  try:
+    return read(path)
+  except READ_ERRORS as e:
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+    raise ArtifactError(
+      path, f'{what} is unreadable ({type(e).__name__}{": " + detail if detail else ""})'
+    ) from e
 
 
 def is_writer() -> bool:
@@ -120,8 +161,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     raise
 
 
-def read_json(path: str | os.PathLike) -> Any:
-  return json.loads(pathlib.Path(path).read_text())
+def read_json(path: str | os.PathLike, what: str = 'JSON file') -> Any:
+  """A JSON file's contents; a missing or corrupted file is an ArtifactError naming it."""
+  return load(path, lambda p: json.loads(p.read_text()), what)
 
 
 @contextlib.contextmanager
@@ -205,11 +247,11 @@ def load_label_set(path: str | os.PathLike) -> dict[str, list]:
   """A saved label set as a dict of column lists (NaN scores as float('nan'))."""
   import datasets
 
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f'label set {path} does not exist')
-  ds = datasets.load_from_disk(os.fspath(path))
-  rows = {c: ds[c] for c in ds.column_names}
+  def read(p: pathlib.Path) -> dict[str, list]:
+    ds = datasets.load_from_disk(os.fspath(p))
+    return {c: ds[c] for c in ds.column_names}
+
+  rows = load(path, read, 'label set')
   import jax
 
   if jax.process_count() > 1:
@@ -257,11 +299,21 @@ def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix[:-1]: _jsonable(tree)}
 
 
+def _under(k: str, key: str) -> bool:
+  return k == key or k.startswith(key + '.')
+
+
 def _select(flat: Mapping[str, Any], key: str) -> dict[str, Any]:
-  picked = {k: v for k, v in flat.items() if k == key or k.startswith(key + '.')}
+  picked = {k: v for k, v in flat.items() if _under(k, key)}
   if not picked:
     raise KeyError(f'stage depends on config key {key!r}, which the config does not have')
   return picked
+
+
+# debug.kill_at: 'STAGE' (after its record), 'STAGE:outputs' (after its outputs, before its
+# record), 'STAGE:checkpoint_N' / 'STAGE:snapshot_N' (inside the stage's fit, right after the
+# resumable checkpoint / the params snapshot of step N is on disk).
+_KILL_SUFFIX = re.compile(r'(|outputs|(checkpoint|snapshot)_[0-9]+)')
 
 
 def fingerprint(values: Mapping[str, Any]) -> str:
@@ -276,6 +328,26 @@ def _first_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, 
   return None
 
 
+_UNLISTED = ('checkpoints', 'tb')  # pruned (orbax keeps the last few) or appended to by design
+
+
+def _outputs(folder: pathlib.Path, depth: int = 3) -> list[str]:
+  """The files and folders of a stage's outputs, `depth` levels deep (the record lists them)."""
+  found: list[str] = []
+
+  def walk(d: pathlib.Path, rel: str, level: int) -> None:
+    for p in sorted(d.iterdir()):
+      if '.tmp-' in p.name:
+        continue
+      found.append(rel + p.name)
+      if p.is_dir() and level < depth and p.name not in _UNLISTED:
+        walk(p, rel + p.name + '/', level + 1)
+
+  if folder.is_dir():
+    walk(folder, '', 1)
+  return found
+
+
 class Workdir:
   """Stage records and output paths under one root folder.
 
@@ -286,7 +358,10 @@ class Workdir:
     recompute_changed: forget and recompute stages whose config values changed, instead of
       refusing.
     kill_at: a test hook (config `debug.kill_at`): 'STAGE' SIGKILLs this process right after that
-      stage's record is written, 'STAGE:outputs' after its outputs but before its record.
+      stage's record is written, 'STAGE:outputs' after its outputs but before its record,
+      'STAGE:checkpoint_N' / 'STAGE:snapshot_N' inside its fit (`fit_hook`).
+    ignore: config keys (with their subtrees) that never change a result, left out of every
+      fingerprint (e.g. a database folder, a worker count).
   """
 
   def __init__(
@@ -296,17 +371,26 @@ class Workdir:
     stages: Sequence[Stage],
     recompute_changed: bool = False,
     kill_at: str = '',
+    ignore: Sequence[str] = (),
   ):
     self.root = pathlib.Path(root)
     self.kill_at = kill_at
-    self.flat = flatten(config)
+    self.ignore = tuple(ignore)
+    self.flat = {k: v for k, v in flatten(config).items() if not self._ignored(k)}
     self.recompute_changed = recompute_changed
     self.stages: dict[str, Stage] = {}
     self._values: dict[str, dict[str, Any]] = {}
     for st in stages:
       self.add(st)
-    if kill_at and kill_at.split(':')[0] not in self.stages:
-      raise ValueError(f'debug.kill_at names no stage of this run: {kill_at!r}')
+    name, _, suffix = kill_at.partition(':')
+    if kill_at and (name not in self.stages or not _KILL_SUFFIX.fullmatch(suffix)):
+      raise WorkdirError(
+        f'--config.debug.kill_at={kill_at!r} is not STAGE[:outputs|:checkpoint_N|:snapshot_N] '
+        f'with a STAGE of this run ({", ".join(self.stages)})'
+      )
+
+  def _ignored(self, key: str) -> bool:
+    return any(_under(key, k) for k in self.ignore)
 
   def add(self, stage: Stage) -> None:
     """Register a stage; its upstream stages must be registered first."""
@@ -337,11 +421,23 @@ class Workdir:
 
   # -- integrity ---------------------------------------------------------------------------------
 
-  def _stored_values(self, stage: str) -> dict[str, Any] | None:
+  def _read_record(self, stage: str, started: bool = False) -> dict[str, Any]:
+    def read(p: pathlib.Path) -> dict[str, Any]:
+      rec = json.loads(p.read_text())
+      need = ('name', 'config') if started else ('name', 'config', 'wall_s', 'metrics')
+      missing = [k for k in need if k not in rec]
+      if missing or rec['name'] != stage:
+        raise KeyError(f'not a record of stage {stage!r} (lacks {missing or ["its name"]})')
+      return rec
+
+    return load(self._record_path(stage, started), read, f'the record of stage {stage!r}')
+
+  def _stored_values(self, stage: str) -> tuple[dict[str, Any], bool] | None:
+    """(recorded config values, finished?) of a stage, None if it never started."""
     for started in (False, True):
-      p = self._record_path(stage, started)
-      if p.exists():
-        return read_json(p)['config']
+      if self._record_path(stage, started).exists():
+        values = self._read_record(stage, started)['config']
+        return {k: v for k, v in values.items() if not self._ignored(k)}, not started
     return None
 
   def check(self) -> list[str]:
@@ -352,22 +448,68 @@ class Workdir:
     """
     forgotten = []
     for name in self.stages:
-      old = self._stored_values(name)
-      if old is None:
+      stored = self._stored_values(name)
+      if stored is None:
         continue
+      old, finished = stored
       change = _first_change(old, _jsonable(self._values[name]))
       if change is None:
         continue
       if not self.recompute_changed:
         key, was, now = change
+        how = 'was computed' if finished else 'was started (not finished)'
         raise ConfigChangedError(
           f'config key {key} changed from {was!r} to {now!r}, but stage {name!r} in '
-          f'{self.root} was computed with the old value; rerun with --recompute_changed to '
+          f'{self.root} {how} with the old value; rerun with --recompute_changed to '
           'recompute the affected stages, or use a new --workdir'
         )
       self.forget(name)
       forgotten.append(name)
     return forgotten
+
+  def downstream(self, stage: str) -> list[str]:
+    """`stage` and every registered stage that reads from it, directly or not, in plan order."""
+    if stage not in self.stages:
+      raise WorkdirError(
+        f'--redo={stage!r} names no stage of this run; stages: {", ".join(self.stages)}'
+      )
+    hit = {stage}
+    for name, st in self.stages.items():
+      if any(up in hit for up in st.after):
+        hit.add(name)
+    return [n for n in self.stages if n in hit]
+
+  def redo(self, stage: str) -> list[str]:
+    """Forget `stage` and everything downstream of it (records and outputs); returns them."""
+    names = self.downstream(stage)
+    for name in names:
+      self.forget(name)
+    sync(f'redo:{stage}')
+    return names
+
+  def stage_of(self, path: str | os.PathLike) -> str | None:
+    """The registered stage a path under this workdir belongs to (its record or an output)."""
+    try:
+      rel = pathlib.Path(path).absolute().relative_to(self.root.absolute()).as_posix()
+    except ValueError:
+      return None
+    if rel.startswith('stages/'):
+      name = rel[len('stages/') :].removesuffix('.json').removesuffix('.started')
+      return name if name in self.stages else None
+    owners = [n for n in self.stages if rel == n or rel.startswith(n + '/')]
+    return max(owners, key=len, default=None)
+
+  def fit_hook(self, stage: str) -> Callable[[str, int], None] | None:
+    """fit.fit's `after_save` for a stage: the 'checkpoint_N' / 'snapshot_N' kills of kill_at."""
+    name, _, suffix = self.kill_at.partition(':')
+    if name != stage or not suffix.startswith(('checkpoint_', 'snapshot_')):
+      return None
+
+    def hook(kind: str, step: int) -> None:
+      if f'{kind}_{step}' == suffix:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
   def forget(self, stage: str) -> None:
     """Delete a stage's record and outputs."""
@@ -381,14 +523,18 @@ class Workdir:
   # -- records -----------------------------------------------------------------------------------
 
   def done(self, stage: str) -> bool:
-    return self._record_path(stage).exists()
+    """Whether a stage finished: its record exists and every output it lists is still there
+    (a missing one is an ArtifactError naming it, never a stage trusted without it)."""
+    if not self._record_path(stage).exists():
+      return False
+    for rel in self._read_record(stage).get('outputs', ()):
+      if not self.path(stage, rel).exists():
+        raise ArtifactError(self.path(stage, rel), f'an output of finished stage {stage!r} is gone')
+    return True
 
   def record(self, stage: str) -> dict[str, Any]:
     """A finished stage's record: name, config, fingerprint, wall_s, metrics."""
-    p = self._record_path(stage)
-    if not p.exists():
-      raise FileNotFoundError(f'stage {stage!r} has not finished in {self.root}')
-    return read_json(p)
+    return self._read_record(stage)
 
   def metrics(self, stage: str) -> dict[str, Any]:
     return self.record(stage)['metrics']
@@ -416,6 +562,7 @@ class Workdir:
           'wall_s': float(wall_s),
           'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S'),
           'metrics': dict(metrics),
+          'outputs': _outputs(self.path(stage)),
         },
       )
       with contextlib.suppress(FileNotFoundError):

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 4's accelerator figures for the sampler, in one prepared run: mistral-7b with random
-# weights in bf16, prompts of 256 tokens, exactly 256 new tokens, greedy and sampling at 64 and 256
-# rows, beam search (4 beams) at 16 and 64 prompts (64 and 256 rows). Each JSON record carries
-# tokens_per_s and, on a known GPU (bench.HBM_BYTES_PER_S), bw_bound_tokens_per_s: the ratio of the
-# two is the fraction of the memory-bandwidth bound reached.
+# The sampler's accelerator figures in one prepared run: mistral-7b with random weights in bf16,
+# prompts of 256 tokens, exactly 256 new tokens, greedy and sampling at 64 and 256 rows, beam
+# search (4 beams) at 16 and 64 prompts (64 and 256 rows). Each JSON record carries tokens_per_s
+# and, on a known GPU (ilr_jax/bench/generate_workloads.py, HBM_BYTES_PER_S),
+# bw_bound_tokens_per_s: the ratio of the two is the fraction of the memory-bandwidth bound reached.
 #
 #   launch/bench_generate_gpu.sh [OUT_DIR]       # default $OUT, else /tmp/ilr_bench_generate
 #
@@ -13,7 +13,7 @@
 # DTYPE=float32 ROWS=4 BEAM_PROMPTS=1 SEQ_LEN=8 MIN_REPS=2). One run of `python -m ilr_jax.bench`
 # per row count and method group, each bounded by LIMIT_S seconds (default 140: the four runs fit
 # one 600 s command), so that one slow case cannot take the others' time; records already written
-# to OUT_DIR stay. Not yet run on a GPU: only the CPU dry run above has been.
+# to OUT_DIR stay. Figures: docs/PERFORMANCE.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp/ilr_bench_generate}}"

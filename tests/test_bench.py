@@ -1,6 +1,8 @@
 """Benchmark harness smoke run on bench-tiny (one timed call per backend; no timing asserts)."""
 
-import jax
+import subprocess
+import sys
+
 import pytest
 
 from ilr_jax import bench
@@ -9,8 +11,27 @@ from ilr_jax import sharding as shd
 
 def _ctx(arch):
   cfg = bench.model_config('bench-tiny', arch)
-  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  return bench.BenchContext('bench-tiny', arch, cfg, 'torch', 0, mesh)
+  return bench.BenchContext('bench-tiny', arch, cfg, 'torch', 0, shd.single_device_mesh())
+
+
+def test_library_imports_no_torch_and_the_package_registers_every_workload():
+  # The benchmarks and their PyTorch peer are outside the library's import path: importing every
+  # other module of ilr_jax leaves torch unimported, and so does importing the bench package.
+  code = (
+    'import importlib, pkgutil, sys, ilr_jax\n'
+    'for m in pkgutil.iter_modules(ilr_jax.__path__):\n'
+    '  importlib.import_module("ilr_jax." + m.name)\n'
+    'import ilr_jax.bench as b\n'
+    'print("torch" in sys.modules, ",".join(sorted(b.WORKLOADS)))\n'
+  )
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  torch_loaded, names = out.stdout.split()
+  assert torch_loaded == 'False'
+  assert names.split(',') == sorted(
+    ['sft_step', 'sft_step_lora', 'dpo_step', 'dpo_step_lora', 'classify_batched']
+    + ['classify_single', 'pair_scorer', 'generate_greedy', 'generate_sample']
+    + ['generate_sample_top_p', 'generate_beam4']
+  )
 
 
 @pytest.mark.slow
@@ -51,9 +72,6 @@ def test_real_shape_refused_on_cpu(tmp_path):
   # mistral-7b / gemma-2b are accelerator sizes: on CPU the command stops with one line before it
   # builds anything (a 7B model in host memory would take most of an hour to initialise), and
   # writes no records.
-  import subprocess
-  import sys
-
   out = tmp_path / 'records.jsonl'
   cmd = [sys.executable, '-m', 'ilr_jax.bench', '--workloads=generate_greedy']
   cmd += ['--shape=mistral-7b', '--arch=mistral', f'--out={out}']
@@ -68,7 +86,6 @@ def test_gpu_generate_script_dry_run_on_cpu(tmp_path):
   # each writing its records (rows as asked, beam rows = 4 x prompts, new tokens = prompt length).
   import json
   import os
-  import subprocess
   from pathlib import Path
 
   script = Path(__file__).resolve().parents[1] / 'launch' / 'bench_generate_gpu.sh'

@@ -46,6 +46,7 @@ def test_paper_model_pairs():
   # Required model directories are placeholders, and the evaluator follows the supervisor.
   assert g.student.model_dir is None
   g.supervisor.model_dir = '/m/gemma'
+  schema.resolve(g)
   assert g.evaluator.model_dir == '/m/gemma' and g.supervisor.tokenizer == '/m/gemma'
 
 

@@ -1,21 +1,18 @@
 """Generation driver: bucketed batch plans, one compilation per shape, input order, per-prompt
 randomness independent of batching, stop-token cutting, and the command line."""
 
-import functools
 import json
 import pathlib
 import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from ilr_jax import generate as G
 from ilr_jax import sampler as S
-from ilr_jax.model import Decoder, ModelConfig
+from ilr_jax.testing import peaked_model, tiny_config
 from ilr_jax.tokens import Tokenizer
 
 V = 64
@@ -23,27 +20,9 @@ EOS = 2
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(cfg):
-  # Larger than default weights: peaked distributions, so greedy has no near-ties.
-  return jax.tree.map(lambda x: 5.0 * x, nnx.state(Decoder(cfg, rngs=nnx.Rngs(0))))
-
-
 @pytest.fixture(scope='module')
 def model():
-  cfg = ModelConfig(
-    arch='llama',
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(EOS,),
-  )
-  graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[0]
-  return nnx.merge(graphdef, _init(cfg))
+  return peaked_model(tiny_config(vocab_size=V, eos_token_ids=(EOS,)))
 
 
 @pytest.fixture(scope='module')
@@ -109,6 +88,7 @@ def test_one_compilation_per_bucket_shape_and_batching_independence(model, tok):
   assert dict(S.TRACES) == before  # nothing traced again
   assert again.ids == res.ids and more.ids[:7] == res.ids and other.ids != res.ids
   assert len(res.ids) == 7 and all(len(x) == 2 for x in res.ids) and len(res.texts[0]) == 2
+  assert all(len(x) == 2 for field in (res.texts, res.scores, res.stopped) for x in field)
   assert any(x[0] != x[1] for x in res.ids)  # a prompt's samples differ
   # Input order: the bucket-8 prompts decoded directly, with their input indices as row ids.
   idx = [0, 2, 4, 6]
@@ -128,16 +108,18 @@ def test_answers_are_cut_at_the_first_stop_token(model, tok):
   prompts = _token_prompts([9, 16, 12, 10], seed=2)
   kw = dict(max_new_tokens=8, buckets=(16,), batch_size=4, progress=False)
   free = G.generate(model, tok, prompts, S.Greedy(), stop_ids=(), **kw)
-  assert not any(free.stopped) and all(len(x) == 8 for x in free.ids)
-  stop = free.ids[0][3]  # a token that does occur: some answers end there
+  # One answer per prompt is still a list of one: the result's shape never depends on n.
+  assert all(len(x) == 1 for field in (free.ids, free.texts, free.stopped) for x in field)
+  assert not any(s for x in free.stopped for s in x) and all(len(x[0]) == 8 for x in free.ids)
+  stop = free.ids[0][0][3]  # a token that does occur: some answers end there
   res = G.generate(model, tok, prompts, S.Greedy(), stop_ids=(stop,), **kw)
-  for full, ids, text, stopped in zip(free.ids, res.ids, res.texts, res.stopped):
+  for (full,), (ids,), (text,), (stopped,) in zip(free.ids, res.ids, res.texts, res.stopped):
     cut = full.index(stop) if stop in full else len(full)
     assert ids == full[:cut] and stopped == (stop in full)
     assert text == tok.decode(ids)
   beam = G.generate(model, tok, prompts, S.BeamSearch(2), **kw)
-  assert all(isinstance(t, str) for t in beam.texts)
-  assert all(isinstance(s, float) for s in beam.scores)
+  assert all(len(t) == 1 and isinstance(t[0], str) for t in beam.texts)
+  assert all(len(s) == 1 and isinstance(s[0], float) for s in beam.scores)
   # Without scores (two batches of 2): the same answers, no scores; beam search keeps its own.
   kw['batch_size'] = 2
   quiet = G.generate(model, tok, prompts, S.Greedy(), stop_ids=(stop,), scores=False, **kw)
@@ -164,22 +146,9 @@ def test_generate_answers_applies_the_prompt_template(model, tok, monkeypatch):
 def test_command_line_prints_answers(tmp_path):
   from ilr_jax import convert
 
-  cfg = ModelConfig(
-    arch='llama',
-    vocab_size=512,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    bos_token_id=1,
-    eos_token_ids=(2,),
-    pad_token_id=3,
-  )
+  cfg = tiny_config(vocab_size=512, bos_token_id=1, eos_token_ids=(2,), pad_token_id=3)
   model_dir = tmp_path / 'model'
-  graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[0]
-  convert.save_checkpoint(nnx.merge(graphdef, _init(cfg)), model_dir)
+  convert.save_checkpoint(peaked_model(cfg), model_dir)
   shutil.copy(REPO / 'data' / 'arith' / 'spm.model', model_dir / 'spm.model')
   cmd = [
     sys.executable,
@@ -213,7 +182,7 @@ def test_bench_generate_workloads_smoke():
   from ilr_jax import sharding as shd
 
   cfg = bench.model_config('bench-tiny', 'mistral')
-  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = shd.single_device_mesh()
   ctx = bench.BenchContext('bench-tiny', 'mistral', cfg, 'torch', 0, mesh, batch=4, seq_len=8)
   for name in ('generate_greedy', 'generate_sample', 'generate_sample_top_p', 'generate_beam4'):
     case = bench.WORKLOADS[name](ctx)

@@ -6,9 +6,14 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_train import CFG, _mesh, _sft_batch, fast_model
+from test_train import _sft_batch
 
 from ilr_jax import convert, lora, train
+from ilr_jax.model import num_params
+from ilr_jax.testing import device_mesh, random_model, tiny_config
+
+# Unrolled layers: half the compile time of the scan at 2 layers.
+CFG = tiny_config('mistral', scan_layers=False)
 
 # One compiled forward per model structure (eager calls would compile every op separately).
 _forward = nnx.jit(lambda model, tokens: model(tokens))
@@ -19,8 +24,8 @@ def fwd(model, tokens):
 
 
 def test_fresh_adapter_keeps_base_outputs_and_is_sharded():
-  mesh = _mesh(1, 2, 4)
-  base = fast_model(CFG, mesh)
+  mesh = device_mesh(1, 2, 4)
+  base = random_model(CFG, mesh)
   tokens = np.random.default_rng(0).integers(3, 128, (2, 12))
   model = lora.add_lora(base, 4, 8.0, 'all', rng=1)
   # The base arrays are reused, not copied.
@@ -31,7 +36,7 @@ def test_fresh_adapter_keeps_base_outputs_and_is_sharded():
   want = fwd(base, tokens)
   assert model.cfg.lora_rank == 4 and model.cfg.lora_targets == lora.resolve_targets('all')
   np.testing.assert_array_equal(fwd(model, tokens), want)
-  assert lora.num_trainable(model) == 2 * (
+  assert _num_trainable(model) == 2 * (
     4 * (32 + 32) + 2 * 4 * (32 + 16) + 4 * (32 + 32) + 3 * 4 * (32 + 64)
   )
   with pytest.raises(ValueError, match='already has a rank-4 adapter'):
@@ -39,7 +44,7 @@ def test_fresh_adapter_keeps_base_outputs_and_is_sharded():
 
 
 def test_merged_export_matches_transformers(tmp_path):
-  model = lora.add_lora(fast_model(CFG), 4, 8.0, ('q', 'v', 'down'), rng=2)
+  model = lora.add_lora(random_model(CFG), 4, 8.0, ('q', 'v', 'down'), rng=2)
   # Move every B away from zero so the adapter changes the outputs.
   rng = np.random.default_rng(0)
   for name in ('q', 'v', 'down'):
@@ -47,7 +52,7 @@ def test_merged_export_matches_transformers(tmp_path):
     var[...] = rng.normal(0, 0.05, var.shape).astype(np.float32)
   tokens = rng.integers(3, 128, (2, 12))
   ours = fwd(model, tokens)
-  assert np.abs(ours - fwd(fast_model(CFG), tokens)).max() > 1e-3
+  assert np.abs(ours - fwd(random_model(CFG), tokens)).max() > 1e-3
   merged = lora.merge_lora(model)
   assert merged.cfg.lora_rank == 0
   np.testing.assert_allclose(fwd(merged, tokens), ours, atol=1e-5)
@@ -59,11 +64,11 @@ def test_merged_export_matches_transformers(tmp_path):
 
 
 def test_only_the_adapter_trains():
-  model = lora.add_lora(fast_model(CFG), 4, 8.0, 'all', rng=3)
+  model = lora.add_lora(random_model(CFG), 4, 8.0, 'all', rng=3)
   base_q = np.asarray(model.layers.q.kernel[...])
   cfg = train.TrainConfig(lr=1e-2, warmup_ratio=0.0, lora_rank=4, lora_alpha=8.0)
   trainer, state = train.make_trainer(model, 'sft', cfg, 10)
-  n_adapter = lora.num_trainable(model)
+  n_adapter = _num_trainable(model)
   # Optimizer state holds the adapter's moments only (Adam: mu and nu), not the frozen base.
   opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
   assert sum(x.size for x in opt_leaves) == 2 * n_adapter
@@ -84,12 +89,12 @@ def test_targets_and_dropout_errors():
   with pytest.raises(ValueError, match='lora_dropout=0.05 is not supported'):
     lora.check_dropout(0.05)
   with pytest.raises(ValueError, match='no LoRA adapter'):
-    lora.merge_lora(fast_model(CFG))
+    lora.merge_lora(random_model(CFG))
 
 
 def test_lora_model_outputs_unchanged_by_nnx_split_merge():
   # The trainable/frozen split rebuilds the same model (what every train step does).
-  model = lora.add_lora(fast_model(CFG), 2, 4.0, 'all', rng=4)
+  model = lora.add_lora(random_model(CFG), 2, 4.0, 'all', rng=4)
   graphdef, trainable, frozen = lora.split_trainable(model)
   assert all(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(trainable, is_leaf=_is_var))
   assert not any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(frozen, is_leaf=_is_var))
@@ -101,3 +106,7 @@ def test_lora_model_outputs_unchanged_by_nnx_split_merge():
 
 def _is_var(x):
   return isinstance(x, nnx.Variable)
+
+
+def _num_trainable(model):
+  return num_params(lora.split_trainable(model)[1])

@@ -10,14 +10,22 @@ import torch
 from flax import nnx
 
 from ilr_jax import convert
-from ilr_jax.model import Decoder, ModelConfig, init_cache, positions_from_mask
+from ilr_jax.model import Decoder, init_cache, positions_from_mask
+from ilr_jax.testing import tiny_config
 
 TOL = 1e-4  # max abs logit difference in float32, per the foundation issue
 
 # Jitted entry points: one compilation per shape instead of hundreds of eager op dispatches.
 forward = nnx.jit(lambda m, ids, mask: m(ids, mask))
 score = nnx.jit(lambda m, ids, mask: m.score(ids, mask))
-decode = nnx.jit(lambda m, ids, pos, cache, index, kv: m.decode(ids, pos, cache, index, kv))
+
+
+@nnx.jit
+def decode(m, ids, pos, cache, index, kv):
+  h, cache = m.decode_hidden(ids, pos, cache, index, kv)
+  return m.logits(h), cache
+
+
 LLAMA3_ROPE = dict(
   rope_scaling={
     'rope_type': 'llama3',
@@ -104,18 +112,7 @@ def test_score_head_matches_sequence_classification(tiny_hf, arch, side):
 
 
 def _tiny_cfg(**kw):
-  base = dict(
-    arch='llama',
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-  )
-  base.update(kw)
-  return ModelConfig(**base)
+  return tiny_config(**{'vocab_size': 97, **kw})
 
 
 @pytest.mark.parametrize('window', [None, 4])
@@ -166,7 +163,7 @@ def test_prefill_of_the_last_position_only_writes_the_same_cache(window):
 
   @functools.partial(jax.jit, static_argnums=0)
   def run(prefill, ids, pos):
-    cache = init_cache(cfg, ids.shape[0], s, kv_first=True)
+    cache = init_cache(cfg, ids.shape[0], s)
     return model.decode_hidden(ids, pos, cache, 0, jnp.asarray(kv_mask), prefill=prefill)
 
   h_all, cache_all = run(False, *args)

@@ -1,47 +1,26 @@
 """Sampler: golden greedy and beam search against transformers, sample frequencies, cache
 consistency, batch invariance, sharding and the in-place cache update."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_hf_config
 from flax import nnx
 
 from ilr_jax import convert
+from ilr_jax import decoding as D
 from ilr_jax import sampler as S
 from ilr_jax import sharding as shd
-from ilr_jax.model import Decoder, ModelConfig
+from ilr_jax.model import Decoder
+from ilr_jax.testing import peaked_model, tiny_config
 
 V = 64
 EOS, PAD = 2, 0
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init(cfg: ModelConfig, seed: int):
-  # Random init (std 0.02) gives nearly uniform logits, whose near-ties make argmax comparisons
-  # flaky; larger weights give peaked, tie-free distributions. Jitted: eager init is slow.
-  state = nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
-  return jax.tree.map(lambda x: x * 5.0, state)
-
-
 def _model(seed=0, **overrides) -> Decoder:
-  kw = dict(
-    arch='llama',
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(EOS,),
-  )
-  kw.update(overrides)
-  cfg = ModelConfig(**kw)
-  graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))[0]
-  return nnx.merge(graphdef, _init(cfg, seed))
+  return peaked_model(tiny_config(**{'vocab_size': V, 'eos_token_ids': (EOS,), **overrides}), seed)
 
 
 @pytest.fixture(scope='module')
@@ -87,24 +66,9 @@ def _save_hf(path, arch, seed, eos_boost=1.0):
   import transformers
 
   torch.manual_seed(seed)
-  cls = {
-    'gemma': transformers.GemmaConfig,
-    'mistral': transformers.MistralConfig,
-    'llama': transformers.LlamaConfig,
-  }[arch]
-  cfg = cls(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=1 if arch == 'gemma' else 2,
-    head_dim=8,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=EOS,
-    pad_token_id=PAD,
-  )
+  kv = 1 if arch == 'gemma' else 2
+  ids = dict(bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
+  cfg = tiny_hf_config(arch, num_key_value_heads=kv, head_dim=8, **ids)
   hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
   with torch.no_grad():
     for p in hf.parameters():
@@ -112,6 +76,21 @@ def _save_hf(path, arch, seed, eos_boost=1.0):
     hf.get_output_embeddings().weight[EOS] *= eos_boost  # makes EOS frequent (finishing rules)
   hf.save_pretrained(path)
   return hf
+
+
+def _hf_generate(hf, toks, mask, **kw):
+  """transformers' deterministic `generate` (greedy or beam search) on left-padded prompts."""
+  import torch
+
+  with torch.no_grad():
+    return hf.generate(
+      torch.tensor(toks, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      do_sample=False,
+      pad_token_id=PAD,
+      eos_token_id=EOS,
+      **kw,
+    )
 
 
 def _check_tokens(model, prompt, ours, ref, tol=1e-4):
@@ -128,22 +107,12 @@ def _check_tokens(model, prompt, ours, ref, tol=1e-4):
 @pytest.mark.slow
 @pytest.mark.parametrize('arch', ['gemma', 'mistral', 'llama'])
 def test_greedy_matches_transformers(tmp_path, arch):
-  import torch
 
   # Gemma ties its embeddings, so its EOS row needs a larger boost to be chosen at times.
   hf = _save_hf(tmp_path / arch, arch, seed=0, eos_boost=3.0 if arch == 'gemma' else 1.5)
   seqs = _prompts(np.random.default_rng(1), 16, 1, 20, vocab=128)
   toks, mask = _left(seqs)
-  with torch.no_grad():
-    ref = hf.generate(
-      torch.tensor(toks, dtype=torch.long),
-      attention_mask=torch.tensor(mask, dtype=torch.long),
-      do_sample=False,
-      num_beams=1,
-      max_new_tokens=32,
-      pad_token_id=PAD,
-      eos_token_id=EOS,
-    )[:, toks.shape[1] :].numpy()
+  ref = _hf_generate(hf, toks, mask, num_beams=1, max_new_tokens=32)[:, toks.shape[1] :].numpy()
   model = convert.load_hf(tmp_path / arch)
   out = S.sample(model, toks, mask, S.Greedy(), max_new_tokens=32, stop_ids=(EOS,), pad_id=PAD)
   same = 0
@@ -160,25 +129,21 @@ def test_greedy_matches_transformers(tmp_path, arch):
 
 @pytest.mark.slow
 def test_beam_search_matches_transformers(tmp_path):
-  import torch
 
   hf = _save_hf(tmp_path / 'beam', 'llama', seed=1, eos_boost=3.0)
   seqs = _prompts(np.random.default_rng(2), 32, 1, 20, vocab=128)
   toks, mask = _left(seqs)
-  with torch.no_grad():
-    r = hf.generate(
-      torch.tensor(toks, dtype=torch.long),
-      attention_mask=torch.tensor(mask, dtype=torch.long),
-      do_sample=False,
-      num_beams=4,
-      length_penalty=1.0,
-      early_stopping=False,
-      max_new_tokens=16,
-      pad_token_id=PAD,
-      eos_token_id=EOS,
-      return_dict_in_generate=True,
-      output_scores=True,
-    )
+  r = _hf_generate(
+    hf,
+    toks,
+    mask,
+    num_beams=4,
+    length_penalty=1.0,
+    early_stopping=False,
+    max_new_tokens=16,
+    return_dict_in_generate=True,
+    output_scores=True,
+  )
   ref = r.sequences[:, toks.shape[1] :].numpy()
   ref_scores = r.sequences_scores.numpy()
   model = convert.load_hf(tmp_path / 'beam')
@@ -235,8 +200,9 @@ def _target(logits, temperature, top_k, top_p):
 def test_sample_frequencies_match_target(method):
   logits = np.array([1.2, 0.3, -0.5, 2.0, 0.9, -1.5, 0.0, 1.6], np.float32)
   n = 20000
-  keys = jax.random.split(jax.random.key(0), n)
-  draws = jax.jit(S.sample_tokens, static_argnums=2)(jnp.broadcast_to(logits, (n, 8)), keys, method)
+  u = jax.random.uniform(jax.random.key(0), (n,), jnp.float32)
+  choice = jax.jit(lambda x, u: D.sample_choice(x, u, method, with_logp=False)[0])
+  draws = choice(jnp.broadcast_to(logits, (n, 8)), u)
   counts = np.bincount(np.asarray(draws), minlength=8)
   p = _target(logits, method.temperature, method.top_k, method.top_p)
   assert (counts[p == 0] == 0).all(), 'a removed token was sampled'
@@ -250,13 +216,13 @@ def test_inverse_cdf_over_many_blocks():
   # A vocabulary of several blocks with zero-weight tokens (removed ones) in between and at the
   # end; u = 0 and u just below 1 hit the first and the last token that carry weight.
   rng = np.random.default_rng(0)
-  v = 3 * S.BLOCK + 17
+  v = 3 * D.BLOCK + 17
   w = np.exp(2.0 * rng.standard_normal(v)).astype(np.float32)
   w[rng.random(v) < 0.3] = 0.0
   w[-40:] = 0.0
   n = 40000
   u = jax.random.uniform(jax.random.key(1), (n,))
-  draws = np.asarray(jax.jit(S.inverse_cdf)(jnp.broadcast_to(w, (n, v)), u))
+  draws = np.asarray(jax.jit(D.inverse_cdf)(jnp.broadcast_to(w, (n, v)), u))
   counts = np.bincount(draws, minlength=v)
   assert (counts[w == 0] == 0).all()
   p = w / w.sum()
@@ -265,7 +231,7 @@ def test_inverse_cdf_over_many_blocks():
   exp = np.append(n * p[big], n * p[~big].sum())
   chi2 = float(((obs - exp) ** 2 / exp).sum())
   assert chi2 < chi2_critical(len(obs) - 1), chi2
-  ends = np.asarray(S.inverse_cdf(jnp.asarray([w, w]), jnp.asarray([0.0, 1.0 - 1e-7])))
+  ends = np.asarray(D.inverse_cdf(jnp.asarray([w, w]), jnp.asarray([0.0, 1.0 - 1e-7])))
   assert list(ends) == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
 
 
@@ -273,7 +239,7 @@ def test_top_k_filter_compiles_to_xla_top_k_not_a_sort():
   # Slicing the k-th value out of lax.top_k made XLA:CPU replace its TopK kernel with a full sort
   # of the vocabulary on every step (80 ms instead of 1 ms for [16, 32000]).
   x = jax.ShapeDtypeStruct((4, 1000), jnp.float32)
-  hlo = jax.jit(lambda x: S.processed_logits(x, S.Sample(top_k=5))).lower(x).compile().as_text()
+  hlo = jax.jit(lambda x: D.processed_logits(x, S.Sample(top_k=5))).lower(x).compile().as_text()
   assert 'TopK' in hlo and ' sort(' not in hlo
 
 
@@ -283,7 +249,7 @@ def test_top_p_threshold_is_exact_with_ties_and_boundaries():
   # likelier tokens is below top_p), ties and top_p equal to a partial sum (which is not below
   # it) included. The tie groups are kept whole.
   rng = np.random.default_rng(7)
-  fn = jax.jit(S.top_p_threshold, static_argnums=1)
+  fn = jax.jit(D.top_p_threshold, static_argnums=1)
   for trial in range(40):
     b, v = int(rng.integers(1, 5)), int(rng.integers(2, 700))
     counts = rng.multinomial(
@@ -307,7 +273,7 @@ def test_top_p_filter_does_not_sort():
   # The threshold is found by bisection; a sort of the vocabulary cost XLA:CPU about 100 ms per
   # decode step for [16, 32000].
   x = jax.ShapeDtypeStruct((4, 1000), jnp.float32)
-  hlo = jax.jit(lambda x: S.processed_logits(x, S.Sample(top_p=0.9))).lower(x).compile().as_text()
+  hlo = jax.jit(lambda x: D.processed_logits(x, S.Sample(top_p=0.9))).lower(x).compile().as_text()
   assert ' sort(' not in hlo
 
 
@@ -317,7 +283,7 @@ def test_beam_candidates_equal_top_k_of_log_softmax(kind):
   # the same values (bit for bit), indices and tie order, for vocabularies that are not a whole
   # number of blocks, exact ties and -inf logits.
   rng = np.random.default_rng(20 + ['normal', 'ties', 'removed'].index(kind))
-  fn = jax.jit(S.beam_candidates, static_argnums=(2, 3))
+  fn = jax.jit(D.beam_candidates, static_argnums=(2, 3))
 
   @jax.jit
   def want(x, run):
@@ -349,7 +315,7 @@ def test_blocked_argmax_and_greedy_log_prob(kind):
   # not a whole number of blocks, with exact ties and -inf entries; greedy_choice's log-prob is
   # log_softmax at that token.
   rng = np.random.default_rng(10 + ['normal', 'ties', 'removed'].index(kind))
-  fn = jax.jit(S.max_and_first_argmax, static_argnums=1)
+  fn = jax.jit(D.max_and_first_argmax, static_argnums=1)
   for _ in range(20):
     b, v, block = int(rng.integers(1, 6)), int(rng.integers(1, 1500)), int(rng.choice([4, 128]))
     if kind == 'ties':
@@ -362,7 +328,7 @@ def test_blocked_argmax_and_greedy_log_prob(kind):
     top, idx = fn(x, block)
     np.testing.assert_array_equal(top, x.max(axis=-1))
     np.testing.assert_array_equal(idx, x.argmax(axis=-1))
-  tok, logp = jax.jit(S.greedy_choice)(x)
+  tok, logp = jax.jit(D.greedy_choice)(x)
   want = jax.nn.log_softmax(x, axis=-1)[np.arange(b), x.argmax(axis=-1)]
   np.testing.assert_array_equal(tok, x.argmax(axis=-1))
   np.testing.assert_allclose(logp, want, rtol=1e-6, atol=1e-6)
@@ -527,8 +493,11 @@ def test_method_validation():
   with pytest.raises(ValueError, match='early_stopping'):
     S.BeamSearch(early_stopping='sometimes')
   with pytest.raises(ValueError, match='unknown decoding method'):
-    S.parse_method('nucleus')
-  assert S.parse_method('beam', num_beams=2) == S.BeamSearch(2)
+    D.method_from_name('nucleus')
+  # Fields of the other methods are passed over (a caller holds every method's settings).
+  assert D.method_from_name('beam', num_beams=2, temperature=0.7) == S.BeamSearch(2)
+  assert D.method_from_name('sample', temperature=0.7, num_beams=2) == S.Sample(0.7)
+  assert D.method_from_name('greedy', top_k=3) == S.GREEDY
 
 
 # -- sharding and the compiled loop ------------------------------------------------------------

@@ -72,3 +72,12 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     tokens.Tokenizer.load(tmp_path / 'nope')
   with pytest.raises(tokens.TokenizerError, match='holds no tokenizer'):
     tokens.Tokenizer.load(tmp_path)
+
+
+def test_encode_with_bos_only_where_the_tokenizer_has_one():
+  chars = dict(encode=lambda s: [ord(c) for c in s], decode=str, eos_id=2, pad_id=0)
+  with_bos = tokens.Tokenizer(bos_id=1, vocab_size=256, source='test', **chars)
+  without = tokens.Tokenizer(bos_id=None, vocab_size=256, source='test', **chars)
+  assert with_bos.encode_with_bos('ab') == [1, 97, 98]
+  assert without.encode_with_bos('ab') == [97, 98]
+  assert tokens.prompt_ids(without, 'q') == without.encode(tokens.prompt_text('q'))
