@@ -916,6 +916,11 @@ def _enable_compile_cache(path) -> None:
   per run instead of once per stage (most of a CPU run's time otherwise)."""
   import jax
 
+  from ilr_jax import distributed
+
+  if not distributed.persistent_cache_ok():
+    print('[ilr_jax] persistent compilation cache off: several CPU processes', flush=True)
+    return
   jax.config.update('jax_compilation_cache_dir', os.fspath(path))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
