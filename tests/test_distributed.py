@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -220,14 +221,23 @@ def _report(wd) -> str:
 
 
 def _files(wd) -> set[str]:
-  # Orbax writes each process's shards of an array checkpoint (ocdbt.process_N,
-  # array_metadatas/process_N): per-process array files by design, not duplicates.
-  skip = ('jax_cache', 'tb')
-  return {
-    str(p.relative_to(wd))
-    for p in wd.rglob('*')
-    if p.is_file() and p.parts[len(wd.parts)] not in skip and 'process_' not in str(p)
-  }
+  """Every file's path, with the names that differ between any two runs made equal: orbax's
+  data files (32 hex digits, random) and TensorBoard's event files (a timestamp). Orbax writes
+  each process's shards of an array checkpoint (ocdbt.process_N, array_metadatas/process_N):
+  per-process array files by design, not duplicates, so those are left out."""
+  out = set()
+  for p in wd.rglob('*'):
+    rel = p.relative_to(wd)
+    if not p.is_file() or rel.parts[0] == 'jax_cache' or 'process_' in str(rel):
+      continue
+    parts = [
+      '<data>'
+      if re.fullmatch('[0-9a-f]{32}', x)
+      else ('<events>' if x.startswith('events.out.tfevents.') else x)
+      for x in rel.parts
+    ]
+    out.add('/'.join(parts))
+  return out
 
 
 def _non_array_writes(audit: str) -> list[str]:
