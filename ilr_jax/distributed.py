@@ -101,20 +101,3 @@ def describe() -> str:
     f'process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local '
     f'of {jax.device_count()} {jax.devices()[0].platform} devices'
   )
-
-
-def persistent_cache_ok() -> bool:
-  """Whether JAX's persistent compilation cache may serve this run's programs.
-
-  Not for several processes on CPU. There an executable that process 0 loads from the cache
-  (written by its own earlier compile of the same program) runs the gloo collectives of its
-  training step out of step with the others: with jax 0.10.2 the 2-process test run aborted in the
-  first train steps of a later fit with gloo's "Received data size doesn't match expected size ...
-  collective mismatch", every time the cache served the step, and never with the cache off (also
-  not with one process 12 s behind the other). Nothing is lost by it: JAX writes cache entries
-  from process 0 only, and the other processes' cache keys differ from process 0's, so they
-  compile every program anyway and process 0 waits for them at the first collective.
-  """
-  import jax
-
-  return jax.process_count() == 1 or jax.default_backend() != 'cpu'
