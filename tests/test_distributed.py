@@ -195,7 +195,9 @@ def runs(tmp_path_factory):
     rc_one = f_one.result()
     _, kill = f_two.result()
   assert rc_one == 0, _tail(logs / 'one.log')
-  print(f'distributed runs: {time.monotonic() - t0:.0f} s')
+  print(
+    f'distributed runs: {time.monotonic() - t0:.0f} s; survivor exited {kill["survived_s"]:.1f} s'
+  )
   return dict(one=one, two=two, killed=killed, logs=logs, kill=kill)
 
 
