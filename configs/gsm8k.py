@@ -9,8 +9,9 @@ Command (a TPU VM or a GPU host; model directories are HF checkpoints, see launc
 
 The arg picks the method: sft, ilr, naive, dpo, orailr, oradpo, cororailr, cororadpo, or compare
 (sft, ilr, naive and dpo on the same weak labels and evaluator). Switch `mistral7b-llama70b`
-(`configs/gsm8k.py:ilr,mistral7b-llama70b`) gives the Mistral-7B -> Llama-3-70B pair (Adafactor,
-FSDP over all devices). Data: the HF hub (openai/gsm8k, main), or, taking precedence,
+(`configs/gsm8k.py:ilr,mistral7b-llama70b`) gives the Mistral-7B -> Llama-3-70B pair (a Mistral-7B
+supervisor trains at lr 1e-4 as in the released scripts; the student uses Adafactor, FSDP over all
+devices). Data: the HF hub (openai/gsm8k, main), or, taking precedence,
 `--config.task.data_dir=DIR` (a datasets.save_to_disk folder, e.g. ../shared/data/gsm8k).
 
 Expected run time: about 30 h for `compare` on one 8-chip v4 host (three LoRA runs of Mistral-7B
@@ -64,6 +65,7 @@ def get_config(arg: str = 'ilr'):
     config.supervisor.preset = 'mistral-7b'
     config.evaluator.preset = 'mistral-7b'
     config.student.preset = 'llama-3-70b'
+    config.supervisor_sft.lr = 1e-4  # METHOD.md: a Mistral-7B supervisor trains at 1e-4
     config.sft.optimizer = 'adafactor'
     config.student.param_dtype = 'bfloat16'
     # Decoding keeps the weights whole over fsdp (sharding.DECODE_RULES), so a 70B model decodes

@@ -16,7 +16,8 @@ similarity above the median; test win rate is judged against the reference answe
 orders by a pluggable judge (task.judge; see ilr_jax/judge.py for the backends, one of
 which needs no network).
 
-Expected run time: about 20 h for `compare` on one 8-chip v4 host (4 SFT epochs, 512-token answers).
+Expected run time: about 20 h for `compare` on one 8-chip v4 host (4 SFT and DPO epochs, 512-token
+answers).
 It prints the results table and writes results.jsonl, report.md and accuracy.png.
 """
 
@@ -46,5 +47,10 @@ def get_config(arg: str = 'ilr'):
   config.sft.lr = 1e-4
   config.supervisor_sft.epochs = 4
   config.sft.epochs = 4
-  config.sft.max_len = 1024
+  config.dpo.epochs = 4  # METHOD.md: SaferPaca's DPO rounds run 4 epochs, as its SFT
+  # Question + answer rows reach about 4,500 characters (about 1,100 Gemma tokens, more with a
+  # smaller vocabulary); 2048 fits every row of the shared splits with either tokenizer, and
+  # pipeline.run checks the longest example of every split against it before any stage.
+  config.supervisor_sft.max_len = 2048
+  config.sft.max_len = 2048
   return config

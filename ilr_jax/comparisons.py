@@ -160,13 +160,15 @@ def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[np.nd
   return np.sort(perm[:num_train]), np.sort(perm[num_train:])
 
 
-def pair_kind_counts(items: Iterable[Pair | dict]) -> dict[str, int]:
-  """Count of each kind (every kind in PAIR_KINDS present, in that order) for the report.
+def pair_kind_counts(
+  items: Iterable[Pair | dict], kinds: Sequence[str] = PAIR_KINDS
+) -> dict[str, int]:
+  """Count of each kind (every kind in `kinds` present, in that order) for the report.
 
   Accepts Pairs or the example dicts of `pairs_to_examples` (examples count twice per pair).
   """
   counts = collections.Counter(x['kind'] if isinstance(x, dict) else x.kind for x in items)
-  unknown = set(counts) - set(PAIR_KINDS)
+  unknown = set(counts) - set(kinds)
   if unknown:
     raise ValueError(f'unknown pair kinds {sorted(unknown)}')
-  return {kind: counts[kind] for kind in PAIR_KINDS}
+  return {kind: counts[kind] for kind in kinds}

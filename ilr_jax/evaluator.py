@@ -198,6 +198,21 @@ def comparison_dataset(
     )
     for j in range(n)
   ]
+  return pairs_dataset(questions, pairs, ids=ids, seed=seed, val_frac=val_frac)
+
+
+def pairs_dataset(
+  questions: Sequence[str],
+  pairs: Sequence[Sequence[comparisons.Pair]],
+  *,
+  ids: Sequence[str],
+  seed: int = 0,
+  val_frac: float = 0.1,
+  kinds: Sequence[str] = comparisons.PAIR_KINDS,
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+  """The classification dataset and counts of `comparison_dataset` from pairs[j] of question j
+  (90/10 split over questions; every kind of `kinds` counted)."""
+  n = len(questions)
   splits, counts = {}, {}
   for name, idx in zip(('train', 'validation'), comparisons.train_val_split(n, val_frac, seed)):
     rows = []
@@ -211,7 +226,7 @@ def comparison_dataset(
           )
     split_pairs = [p for j in idx for p in pairs[j]]
     counts[name] = dict(
-      comparisons.pair_kind_counts(split_pairs),
+      comparisons.pair_kind_counts(split_pairs, kinds),
       pairs=len(split_pairs),
       examples=len(rows),
       questions=len(idx),
@@ -263,8 +278,11 @@ def sample_checkpoints(
   mesh: Mesh | None = None,
   out_dir: str | os.PathLike | None = None,
   progress: bool = True,
+  grade: bool = True,
 ) -> tuple[list[list[str]], list[list[bool]]]:
   """One sampled answer per question from each checkpoint, graded against ground truth.
+
+  With `grade=False` nothing is graded (SaferPaca's evaluator data) and every correct[i] is None.
 
   Checkpoint i samples with seed `seed + i` and the task's 'evaluator_data' decoding (temperature
   0.6) unless `temperature` / `max_new_tokens` are given. A grade counts as correct when it is
@@ -309,10 +327,13 @@ def sample_checkpoints(
       scores=False,  # graded by their texts
     )
     texts = [answers[0] for answers in result.texts]  # one sample per question
-    grades = np.asarray(task.grade_batch(texts, list(examples)).scores, np.float64)
     samples.append(texts)
-    correct.append([bool(g > 0.5) for g in grades])
-    log.info('checkpoint %d (%s): %.1f%% of samples correct', i, path, 100 * grades.mean())
+    if grade:
+      grades = np.asarray(task.grade_batch(texts, list(examples)).scores, np.float64)
+      correct.append([bool(g > 0.5) for g in grades])
+      log.info('checkpoint %d (%s): %.1f%% of samples correct', i, path, 100 * grades.mean())
+    else:
+      correct.append(None)
     if saved is not None and wd.is_writer():
       wd.write_json(
         saved,

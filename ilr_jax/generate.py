@@ -210,9 +210,17 @@ def generate(
 
 
 def generate_answers(model, tokenizer, questions: Sequence[str], method: Method = GREEDY, **kw):
-  """`generate` on the prompts `tokens.prompt_ids(tokenizer, q)` of raw questions."""
+  """`generate` on the prompts `tokens.prompt_ids(tokenizer, q)` of raw questions.
+
+  The texts are answers: stripped of surrounding whitespace, as the released code strips every
+  generated text before grading or storing it (`ids` keep every generated token).
+  """
   prompts = [tokens_lib.prompt_ids(tokenizer, q) for q in questions]
-  return generate(model, tokenizer, prompts, method, **kw)
+  result = generate(model, tokenizer, prompts, method, **kw)
+  if result.texts is None:
+    return result
+  texts = [t.strip() if isinstance(t, str) else [s.strip() for s in t] for t in result.texts]
+  return dataclasses.replace(result, texts=texts)
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ The adapter lives in the model itself (model.Linear creates `lora_a` [.., in, R]
 whose config names the rank, alpha and targets. The layer computes W x + (alpha / R) B(A x).
 
   * `add_lora(model, rank, alpha, targets, rng)`: the same base parameters (the arrays are reused,
-    not copied) plus a fresh adapter: A kaiming-uniform as PEFT, B zero, so the new model's outputs
-    equal the base model's. The adapter is created already sharded.
+    not copied) plus a fresh adapter: A from PEFT's kaiming_uniform(a=sqrt(5)), i.e.
+    U(+-1/sqrt(fan_in)), B zero, so the new model's outputs equal the base model's. The adapter
+    is created already sharded.
   * `merge_lora(model)`: W + (alpha / R) A @ B for every adapted kernel; the result has
     `lora_rank=0` and exports to Hugging Face like any base model.
   * `trainable_filter(cfg)` / `split_trainable(model)`: with an adapter only the LoRAParams train
@@ -31,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from ilr_jax import sharding as shd
-from ilr_jax.model import LORA_TARGETS, Decoder
+from ilr_jax.model import LORA_TARGETS, Decoder, lora_a_bound
 
 LORA_NAMES = ('lora_a', 'lora_b')
 
@@ -100,7 +101,7 @@ def add_lora(
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_lora, _ = nnx.split(abstract, nnx.LoRAParam, ...)
   shardings = shd.state_shardings(abstract_lora, mesh, rules)
-  # Drawn on the host: A ~ U(+-sqrt(3 / fan_in)) as model.Linear and PEFT do, B = 0, then each
+  # Drawn on the host: A ~ U(+-1/sqrt(fan_in)) as model.Linear and PEFT do, B = 0, then each
   # array is placed straight into its sharding (every process draws the same values, so this
   # holds on multi-host slices too; no initialiser is compiled).
   gen = np.random.default_rng(rng)
@@ -109,7 +110,7 @@ def add_lora(
   for path, var in nnx.to_flat_state(abstract_lora):
     if path[-1] == 'lora_a':
       lead = 1 if (var.get_metadata().get('out_sharding') or (None,))[0] == 'layers' else 0
-      bound = math.sqrt(3.0 / math.prod(var.shape[lead:-1]))
+      bound = lora_a_bound(math.prod(var.shape[lead:-1]))
       value = gen.uniform(-bound, bound, var.shape).astype(np.float32)
     else:
       value = np.zeros(var.shape, np.float32)

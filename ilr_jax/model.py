@@ -136,6 +136,12 @@ def _param(value: Array, names: tuple[str | None, ...], kind=nnx.Param) -> nnx.V
   return kind(value, out_sharding=names, eager_sharding=False)
 
 
+def lora_a_bound(fan_in: int) -> float:
+  """Bound of a fresh LoRA A ~ U(+-bound): PEFT's kaiming_uniform(a=sqrt(5)), gain
+  sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in)."""
+  return 1.0 / math.sqrt(fan_in)
+
+
 class Linear(nnx.Module):
   """A dense map from trailing axes `in_shape` to `out_shape`, optionally with a LoRA adapter.
 
@@ -166,8 +172,9 @@ class Linear(nnx.Module):
     if lora and cfg.lora_rank:
       r = cfg.lora_rank
       fan_in = math.prod(in_shape)
-      # A ~ kaiming-uniform (as PEFT), B = 0: a fresh adapter leaves the base model's outputs.
-      bound = math.sqrt(3.0 / fan_in)
+      # A ~ PEFT's kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)); B = 0: a fresh adapter
+      # leaves the base model's outputs.
+      bound = lora_a_bound(fan_in)
       a = jax.random.uniform(rngs.params(), lead + in_shape + (r,), jnp.float32, -bound, bound)
       in_axes, out_axes = axes[: self.num_in], axes[self.num_in :]
       lora_a = _param(a.astype(param_dtype), lead_axes + in_axes + (None,), nnx.LoRAParam)

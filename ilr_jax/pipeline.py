@@ -729,6 +729,10 @@ def stage_evaluator_data(run: Run) -> dict:
   on half A's ground truth, so its fit doubles as the evaluator-data model (one fit saved)."""
   from ilr_jax import evaluator, fit
 
+  if run.task.name == 'saferpaca':  # its own pairs: general-only and safety-only models
+    from ilr_jax import saferpaca_evaluator
+
+    return saferpaca_evaluator.stage_evaluator_data(run)
   stage, et = 'evaluator_data', run.config.evaluator_train
   snapshots = fit.fit_checkpoints(run.wd.path('supervisor', 'fit'))
   if len(snapshots) != et.num_checkpoints:
@@ -936,6 +940,10 @@ def run(config, workdir: str, recompute_changed: bool = False) -> str:
   if config.compile_cache:
     _enable_compile_cache(config.compile_cache_dir or wd.root / 'jax_cache', config)
   runner = Run(config, wd)
+  from ilr_jax import lengths
+
+  splits = {'train': runner.train, 'test': runner.test}
+  lengths.check_max_len(config, splits, runner.tok, runner.task.decoding['label'].max_new_tokens)
   _execute(runner, wd)
   rows = report.with_other_methods(wd.root / 'results.jsonl', results(config, wd))
   methods = dict.fromkeys(r['method'] for r in rows if r['method'] not in ('supervisor', 'sft'))

@@ -50,6 +50,21 @@ def test_paper_model_pairs():
   assert g.evaluator.model_dir == '/m/gemma' and g.supervisor.tokenizer == '/m/gemma'
 
 
+def test_method_md_training_settings():
+  """METHOD.md: Gemma-2B supervisor lr 5e-4, a Mistral-7B supervisor (the 70B pair) 1e-4, the
+  student 1e-4; SaferPaca's SFT and DPO both 4 epochs, other tasks' 2."""
+  g = _get_config('gsm8k', 'compare')
+  assert (g.supervisor_sft.lr, g.sft.lr) == (5e-4, 1e-4)
+  big = _get_config('gsm8k', 'compare,mistral7b-llama70b')
+  assert big.supervisor.preset == 'mistral-7b'
+  assert (big.supervisor_sft.lr, big.sft.lr) == (1e-4, 1e-4)
+  s = _get_config('saferpaca', 'compare')
+  assert (s.supervisor_sft.epochs, s.sft.epochs, s.dpo.epochs) == (4, 4, 4)
+  for task in ('gsm8k', 'bird'):
+    c = _get_config(task, 'compare')
+    assert (c.sft.epochs, c.dpo.epochs) == (2, 2), task
+
+
 def test_arith_tiny_switch_and_all():
   full, tiny = _get_config('arith', 'compare'), _get_config('arith', 'compare,tiny')
   assert tiny.task.num_train < full.task.num_train and tiny.num_rounds < full.num_rounds

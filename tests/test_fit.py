@@ -28,6 +28,9 @@ class CharTokenizer:
   def encode(self, text):
     return [self.ids[c] for c in text]
 
+  def encode_with_bos(self, text):
+    return [self.bos_id] + self.encode(text)
+
 
 TOK = CharTokenizer()
 

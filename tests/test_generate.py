@@ -132,7 +132,12 @@ def test_generate_answers_applies_the_prompt_template(model, tok, monkeypatch):
   from ilr_jax import tokens
 
   seen = {}
-  monkeypatch.setattr(G, 'generate', lambda m, t, prompts, method, **kw: seen.update(p=prompts))
+
+  def fake(m, t, prompts, method, **kw):
+    seen.update(p=prompts)
+    return G.GenerationResult(ids=[[], []], texts=['', ''], scores=None, stopped=[False] * 2)
+
+  monkeypatch.setattr(G, 'generate', fake)
   G.generate_answers(model, tok, ['hi', 'yo'], S.Greedy(), max_new_tokens=2)
   template = tokens.PROMPT_TEMPLATE
   assert seen['p'] == [[1] + tok.encode(template.format(question=q)) for q in ('hi', 'yo')]
@@ -140,6 +145,21 @@ def test_generate_answers_applies_the_prompt_template(model, tok, monkeypatch):
   assert G.encode_prompts(tok, ['ab', [7, 8]]) == [[1] + tok.encode('ab'), [7, 8]]
   with pytest.raises(ValueError, match='no tokenizer'):
     G.encode_prompts(None, ['text'])
+
+
+def test_generate_answers_strips_surrounding_whitespace(model, tok, monkeypatch):
+  """Answers are stripped before anyone grades or stores them (one sample or several per
+  prompt); the token ids are left as generated."""
+  raw = [' 42 \n', ['\tx = 1\n\n', '  ', 'y']]
+  ids = [[5, 6], [[7], [8], [9]]]
+
+  def fake(m, t, prompts, method, **kw):
+    return G.GenerationResult(ids=ids, texts=raw, scores=None, stopped=[True, [True] * 3])
+
+  monkeypatch.setattr(G, 'generate', fake)
+  out = G.generate_answers(model, tok, ['a', 'b'], S.Greedy(), max_new_tokens=2)
+  assert out.texts == ['42', ['x = 1', '', 'y']]
+  assert out.ids == ids
 
 
 @pytest.mark.slow

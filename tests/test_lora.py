@@ -110,3 +110,74 @@ def _is_var(x):
 
 def _num_trainable(model):
   return num_params(lora.split_trainable(model)[1])
+
+
+# Our kernel names -> PEFT's module names on a transformers Mistral/Llama decoder layer.
+_PEFT_NAMES = dict(
+  q='self_attn.q_proj',
+  k='self_attn.k_proj',
+  v='self_attn.v_proj',
+  o='self_attn.o_proj',
+  gate='mlp.gate_proj',
+  up='mlp.up_proj',
+  down='mlp.down_proj',
+)
+
+
+def _peft_lora_a(rank: int) -> dict[str, np.ndarray]:
+  """PEFT's fresh lora_A of every target of a tiny transformers Mistral, as [in, R] per layer."""
+  peft = pytest.importorskip('peft')
+  hf_cfg = transformers.MistralConfig(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+  )
+  torch.manual_seed(0)
+  hf = transformers.MistralForCausalLM(hf_cfg)
+  lcfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(_PEFT_NAMES.values()))
+  wrapped = peft.get_peft_model(hf, lcfg)
+  out = {}
+  for ours, name in _PEFT_NAMES.items():
+    mats = [
+      m.lora_A['default'].weight.detach().numpy().T
+      for n, m in wrapped.named_modules()
+      if n.endswith(name) and hasattr(m, 'lora_A')
+    ]
+    out[ours] = np.stack(mats)
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('how', ['add_lora', 'model_init'])
+def test_fresh_adapter_a_follows_peft_init(how):
+  """A ~ U(+-1/sqrt(fan_in)) as PEFT's kaiming_uniform(a=sqrt(5)): bound and spread per target."""
+  rank = 16
+  peft_a = _peft_lora_a(rank)
+  stacked = tiny_config('mistral')  # scanned layers: each kernel stacks the two layers
+  if how == 'add_lora':
+    model = lora.add_lora(random_model(stacked), rank, 2.0 * rank, 'all', rng=3)
+  else:  # model.Linear's own initialiser (a Decoder built with lora_rank in its config)
+    from ilr_jax.model import Decoder
+
+    cfg = stacked.replace(lora_rank=rank, lora_alpha=2.0 * rank)
+    model = Decoder(cfg, rngs=nnx.Rngs(3))
+  for name, theirs in peft_a.items():
+    ours = np.asarray(getattr(model.layers, name).lora_a[...])
+    fan_in = int(np.prod(ours.shape[1:-1]))
+    assert ours.shape[0] * fan_in * rank == theirs.size, name
+    assert fan_in == theirs.shape[1], name  # the same fan-in as PEFT's in_features
+    bound = 1.0 / np.sqrt(fan_in)
+    # Both stay inside the bound and fill it: a uniform's largest draw of >= 1,000 is within 1%.
+    for a in (ours, theirs):
+      assert np.abs(a).max() <= bound * (1 + 1e-6), name
+      assert np.abs(a).max() >= 0.98 * bound, name
+    # Same spread as PEFT's draws (std of U(+-b) is b / sqrt(3)); the old sqrt(3 / fan_in)
+    # bound gives 1.73x the spread.
+    assert np.std(ours) == pytest.approx(np.std(theirs), rel=0.1), name
+    assert np.std(ours) == pytest.approx(bound / np.sqrt(3), rel=0.1), name
+    # A fresh B is zero in both.
+    assert not np.asarray(getattr(model.layers, name).lora_b[...]).any()
