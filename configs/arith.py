@@ -22,14 +22,14 @@ none from the test split); a supervisor pretrained half as long as the student. 
 holds what was tried, the 3-seed results and which of the paper's claims hold here.
 """
 
-from ilr_jax import schema
+from ilr_jax import methods, schema
 
 
 def get_config(arg: str = 'compare'):
   method, switches = schema.parse_arg(arg, known_switches=('tiny', 'all'))
   config = schema.base_config(method, task='arith')
   if 'all' in switches:
-    config.methods = schema.METHODS
+    config.methods = methods.NAMES
   config.num_rounds = 4
 
   # The task (tuned, not the methods; docs/RESULTS.md has the history): bare expressions of one or
@@ -82,7 +82,7 @@ def get_config(arg: str = 'compare'):
     train.pad_multiple = 32
   config.evaluator_train.lr = 3e-4
   config.evaluator_train.batch_size = 32
-  config.evaluator_train.max_epochs = 2
+  config.evaluator_train.epochs = 2
   config.evaluator_train.num_checkpoints = 4
   config.evaluator_train.max_len = 256
   config.dpo.lr = 3e-6
@@ -108,7 +108,7 @@ def get_config(arg: str = 'compare'):
       train.epochs = 30
       train.lr = 5e-3
       train.batch_size = 16
-    config.evaluator_train.max_epochs = 1
+    config.evaluator_train.epochs = 1
     config.evaluator_train.num_checkpoints = 2
     config.dpo.batch_size = 8
     config.dpo.epochs = 1

@@ -35,6 +35,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ilr_jax import refine
+
 COMPARISON_TEMPLATE = (
   'QUESTION:\n{q}\n\nANSWER (A):\n{a}\n\nANSWER (B):\n{b}\n\n'
   'You gave the answer (A) to the question. '
@@ -153,11 +155,8 @@ def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[np.nd
   """
   if not 0.0 <= val_frac <= 1.0:
     raise ValueError(f'val_frac must be in [0, 1], got {val_frac}')
-  if n < 0:
-    raise ValueError(f'n must be >= 0, got {n}')
-  num_train = int(math.floor((1.0 - val_frac) * n + 1e-9))
-  perm = np.random.default_rng(seed).permutation(n)
-  return np.sort(perm[:num_train]), np.sort(perm[num_train:])
+  num_train = int(math.floor((1.0 - val_frac) * max(n, 0) + 1e-9))
+  return refine.permutation_split(n, num_train, seed)
 
 
 def pair_kind_counts(

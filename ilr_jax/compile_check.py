@@ -562,12 +562,16 @@ def check(config, target: Target, log=print, estimate_only: bool = False) -> dic
   )
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/<task>.py:<method>[,switch...]')
-_TARGET = flags.DEFINE_enum('target', None, sorted(TARGETS), 'the hardware to check against')
-_JSON = flags.DEFINE_string('json', None, 'also write the summary here')
-_ESTIMATE = flags.DEFINE_bool(
-  'estimate', False, 'TPU targets: the analytic estimate instead of compiling (much faster)'
-)
+def _define_flags() -> None:
+  """The CLI's flags, defined only when run as a program: importing the module defines none, so
+  it can share a process with ilr_jax.main (whose --config would clash)."""
+  global _CONFIG, _TARGET, _JSON, _ESTIMATE
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/<task>.py:<method>[,switch]')
+  _TARGET = flags.DEFINE_enum('target', None, sorted(TARGETS), 'the hardware to check against')
+  _JSON = flags.DEFINE_string('json', None, 'also write the summary here')
+  _ESTIMATE = flags.DEFINE_bool(
+    'estimate', False, 'TPU targets: the analytic estimate instead of compiling (much faster)'
+  )
 
 
 def main(argv):
@@ -595,5 +599,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['config', 'target'])
   app.run(main)

@@ -1,4 +1,4 @@
-"""The pairwise evaluator: comparison data, classifier training, and P(proposal better) scorers.
+"""The pairwise evaluator: the classifier's prompts, its training, and P(proposal better) scorers.
 
 METHOD.md "Evaluator data and training". The evaluator simulates unreliable comparison feedback;
 ILR and SFT+DPO both consume it through one interface, `Scorer`:
@@ -8,16 +8,13 @@ ILR and SFT+DPO both consume it through one interface, `Scorer`:
 Two scorers implement it: `EvaluatorScorer` (a trained 2-class score-head model) and
 `OracleScorer` (ground-truth grading, the `ora` variants). The trained one comes from:
 
-  data, counts = build_comparison_data(load_base, tok, task, half_a, workdir=..., config=...)
-  model, result = train_evaluator(with_score_head(load_base()), tok, data, workdir=...)
+  data, counts = evaluator_data.build_comparison_data(load_base, snapshots, tok, task, half_a, ...)
+  model, result = train_evaluator(with_score_head(load_base()), tok, data, workdir=..., config=...)
   scorer = EvaluatorScorer(model, tok)
 
-`build_comparison_data` fits a supervisor-sized model on half A with params snapshots at every
-10% of training, samples one answer per question from each (`sample_checkpoints`), and turns the
-graded samples into pairs and classification examples (`comparison_dataset`, the rules of
-comparisons.py) saved as an HF dataset with the count of each pair kind. `train_evaluator` runs
-fit.py's classifier loop with per-epoch validation loss, early stopping and the best epoch
-restored, then reports validation accuracy per example and per pair (`validation_metrics`).
+`train_evaluator` runs fit.py's classifier loop with per-epoch validation loss, early stopping and
+the best epoch restored, then reports validation accuracy per example and per pair
+(`validation_metrics`).
 
 Token convention of a comparison prompt: `[BOS] + tok.encode(comparison_prompt(q, a, b))`, with
 no SFT template around it (the evaluator is a classifier, not a chat model). Training examples and
@@ -44,10 +41,9 @@ import logging
 import os
 import pathlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,12 +51,12 @@ import tqdm
 from flax import nnx
 from jax.sharding import Mesh
 
-from ilr_jax import comparisons, fit, generate, sampler, train
+from ilr_jax import fit, train
 from ilr_jax import sharding as shd
 from ilr_jax import workdir as wd
 from ilr_jax.comparisons import ACCEPT, REJECT, comparison_prompt
 from ilr_jax.model import Decoder
-from ilr_jax.tokens import Tokenizer, pad_batch, sft_example
+from ilr_jax.tokens import Tokenizer, encode_with_bos, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +89,7 @@ def _check_triples(questions, currents, proposals) -> None:
 
 def comparison_ids(tok: Tokenizer, question: str, a: str, b: str) -> list[int]:
   """[BOS] + the comparison prompt "change answer (A) to (B)?"; the one tokenization of it."""
-  bos = [tok.bos_id] if tok.bos_id is not None else []
-  return bos + tok.encode(comparison_prompt(question, a, b))
+  return encode_with_bos(tok, comparison_prompt(question, a, b))
 
 
 def fit_pair(
@@ -149,296 +144,11 @@ def encode_examples(
   return ids, np.asarray([r['label'] for r in rows], np.int32)
 
 
-# -- comparison data -------------------------------------------------------------------------
-
-
-def comparison_dataset(
-  questions: Sequence[str],
-  references: Sequence[str],
-  samples: Sequence[Sequence[str]],
-  correct: Sequence[Sequence[bool]],
-  *,
-  seed: int = 0,
-  val_frac: float = 0.1,
-  ids: Sequence[str] | None = None,
-) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-  """Classification examples from graded checkpoint samples (comparisons.py has the rules).
-
-  Pairs are drawn question by question, in order, from one `np.random.default_rng(seed)`; the
-  90/10 split is over questions (`comparisons.train_val_split(n, val_frac, seed)`).
-
-  Args:
-    questions, references: the half-A questions and their ground-truth answers.
-    samples: samples[i][j] is checkpoint i's answer to question j (checkpoint order).
-    correct: correct[i][j], whether that answer is correct.
-    ids: optional question ids (default: the question's index).
-
-  Returns:
-    (DatasetDict with 'train' and 'validation' splits of rows {text, label, kind, weight,
-    question_id, question, a, b} (text is the comparison prompt of question, a and b),
-    counts {split: {pairs per kind, 'pairs', 'examples', 'questions'}}).
-  """
-  n = len(questions)
-  if len(references) != n:
-    raise ValueError(f'{n} questions but {len(references)} references')
-  ids = [str(j) for j in range(n)] if ids is None else [str(x) for x in ids]
-  if len(ids) != n:
-    raise ValueError(f'{n} questions but {len(ids)} ids')
-  for i, (s_i, c_i) in enumerate(zip(samples, correct)):
-    if len(s_i) != n or len(c_i) != n:
-      raise ValueError(
-        f'checkpoint {i} has {len(s_i)} samples and {len(c_i)} grades for {n} questions'
-      )
-  if len(samples) != len(correct):
-    raise ValueError(f'{len(samples)} checkpoints of samples but {len(correct)} of grades')
-  rng = np.random.default_rng(seed)
-  pairs = [
-    comparisons.build_pairs(
-      references[j], [s[j] for s in samples], [bool(c[j]) for c in correct], rng
-    )
-    for j in range(n)
-  ]
-  return pairs_dataset(questions, pairs, ids=ids, seed=seed, val_frac=val_frac)
-
-
-def pairs_dataset(
-  questions: Sequence[str],
-  pairs: Sequence[Sequence[comparisons.Pair]],
-  *,
-  ids: Sequence[str],
-  seed: int = 0,
-  val_frac: float = 0.1,
-  kinds: Sequence[str] = comparisons.PAIR_KINDS,
-) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-  """The classification dataset and counts of `comparison_dataset` from pairs[j] of question j
-  (90/10 split over questions; every kind of `kinds` counted)."""
-  n = len(questions)
-  splits, counts = {}, {}
-  for name, idx in zip(('train', 'validation'), comparisons.train_val_split(n, val_frac, seed)):
-    rows = []
-    for j in idx:
-      for pair in pairs[j]:
-        exs = comparisons.pairs_to_examples(questions[j], [pair])
-        sides = ((pair.better, pair.worse), (pair.worse, pair.better))
-        for ex, (a, b) in zip(exs, sides):
-          rows.append(
-            dict(ex, weight=pair.weight, question_id=ids[j], question=questions[j], a=a, b=b)
-          )
-    split_pairs = [p for j in idx for p in pairs[j]]
-    counts[name] = dict(
-      comparisons.pair_kind_counts(split_pairs, kinds),
-      pairs=len(split_pairs),
-      examples=len(rows),
-      questions=len(idx),
-    )
-    features = datasets.Features(
-      text=datasets.Value('string'),
-      label=datasets.ClassLabel(names=['reject', 'accept']),
-      kind=datasets.Value('string'),
-      weight=datasets.Value('float64'),
-      question_id=datasets.Value('string'),
-      question=datasets.Value('string'),
-      a=datasets.Value('string'),
-      b=datasets.Value('string'),
-    )
-    # Column-wise, so that an empty split (e.g. val_frac=0) still has its columns.
-    columns = {k: [r[k] for r in rows] for k in features}
-    splits[name] = datasets.Dataset.from_dict(columns, features=features)
-  return datasets.DatasetDict(splits), counts
-
-
-def save_comparison_data(
-  out_dir: str | os.PathLike, data: datasets.DatasetDict, counts: dict[str, Any]
-) -> None:
-  """Write the HF dataset and `counts.json` into `out_dir` atomically."""
-  with wd.atomic_dir(out_dir) as tmp:
-    data.save_to_disk(os.fspath(tmp / 'dataset'))
-    wd.write_json(tmp / 'counts.json', counts)
-
-
-def load_comparison_data(out_dir: str | os.PathLike) -> tuple[datasets.DatasetDict, dict]:
-  """The (dataset, counts) that `save_comparison_data` wrote."""
-  path = pathlib.Path(out_dir)
-  if not (path / 'counts.json').exists():
-    raise FileNotFoundError(f'{path} holds no comparison data (no counts.json)')
-  return datasets.load_from_disk(os.fspath(path / 'dataset')), wd.read_json(path / 'counts.json')
-
-
-def sample_checkpoints(
-  load_base: Callable[[], Decoder],
-  checkpoints: Sequence[str | os.PathLike],
-  tok: Tokenizer,
-  task: Any,
-  examples: Sequence[Any],
-  *,
-  temperature: float | None = None,
-  max_new_tokens: int | None = None,
-  seed: int = 0,
-  batch_size: int = 64,
-  mesh: Mesh | None = None,
-  out_dir: str | os.PathLike | None = None,
-  progress: bool = True,
-  grade: bool = True,
-) -> tuple[list[list[str]], list[list[bool]]]:
-  """One sampled answer per question from each checkpoint, graded against ground truth.
-
-  With `grade=False` nothing is graded (SaferPaca's evaluator data) and every correct[i] is None.
-
-  Checkpoint i samples with seed `seed + i` and the task's 'evaluator_data' decoding (temperature
-  0.6) unless `temperature` / `max_new_tokens` are given. A grade counts as correct when it is
-  above 0.5 (exact-match tasks grade 1 or 0; SaferPaca's judge gives a win probability). With
-  `out_dir`, each checkpoint's answers are saved as `samples_<i>.json` and reused by a rerun.
-
-  Args:
-    load_base: returns a fresh base model (the snapshots hold the trainable params only).
-    checkpoints: snapshot paths in training order (`fit.fit_checkpoints`).
-    examples: tasks.Examples with the questions and their references.
-
-  Returns:
-    (samples[i][j], correct[i][j]) for checkpoint i and question j.
-  """
-  decoding = task.decoding['evaluator_data']
-  method = sampler.Sample(temperature=temperature or decoding.temperature)
-  questions = [ex.question for ex in examples]
-  samples, correct = [], []
-  base = None
-  for i, path in enumerate(checkpoints):
-    saved = pathlib.Path(out_dir) / f'samples_{i}.json' if out_dir is not None else None
-    if saved is not None and saved.exists():
-      record = wd.read_json(saved)
-      if record['checkpoint'] != str(path) or record['num_questions'] != len(questions):
-        raise ValueError(f'{saved} was written for another checkpoint or question set')
-      samples.append(record['answers'])
-      correct.append(record['correct'])
-      continue
-    base = base if base is not None else load_base()
-    model = fit.load_params(base, path)
-    result = generate.generate_answers(
-      model,
-      tok,
-      questions,
-      method,
-      max_new_tokens=max_new_tokens or decoding.max_new_tokens,
-      seed=seed + i,
-      batch_size=batch_size,
-      mesh=mesh,
-      desc=f'checkpoint {i}',
-      progress=progress,
-      scores=False,  # graded by their texts
-    )
-    texts = [answers[0] for answers in result.texts]  # one sample per question
-    samples.append(texts)
-    if grade:
-      grades = np.asarray(task.grade_batch(texts, list(examples)).scores, np.float64)
-      correct.append([bool(g > 0.5) for g in grades])
-      log.info('checkpoint %d (%s): %.1f%% of samples correct', i, path, 100 * grades.mean())
-    else:
-      correct.append(None)
-    if saved is not None and wd.is_writer():
-      wd.write_json(
-        saved,
-        dict(
-          checkpoint=str(path),
-          num_questions=len(questions),
-          answers=samples[-1],
-          correct=correct[-1],
-        ),
-      )
-    wd.sync(f'evaluator:samples_{i}')  # every process then sees the file on a rerun
-  return samples, correct
-
-
-def build_comparison_data(
-  load_base: Callable[[], Decoder],
-  tok: Tokenizer,
-  task: Any,
-  examples: Sequence[Any],
-  *,
-  workdir: str | os.PathLike,
-  config: train.TrainConfig,
-  num_checkpoints: int = 10,
-  seed: int = 0,
-  val_frac: float = 0.1,
-  batch_size: int = 64,
-  mesh: Mesh | None = None,
-  progress: bool = True,
-) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-  """The evaluator's comparison data from half A (METHOD.md), start to end, resumable.
-
-  Fits a supervisor-sized model (`load_base()`) by SFT on the examples' ground truth with a
-  params snapshot every 1/num_checkpoints of training, samples one answer per question from
-  each snapshot (`sample_checkpoints`), builds the pairs and their examples with a 90/10 split
-  over questions (`comparison_dataset`) and saves them. Layout of `workdir`:
-    supervisor/      the fit (fit.py's layout; snapshots/step_<n> are the checkpoints)
-    samples/         samples_<i>.json: checkpoint i's answers and grades
-    comparisons/     dataset/ (HF DatasetDict) and counts.json (`load_comparison_data`)
-
-  Returns:
-    (the DatasetDict, counts): counts per split and kind, plus 'checkpoints': the snapshot steps
-    and the fraction of correct samples of each.
-  """
-  workdir = pathlib.Path(workdir)
-  out = workdir / 'comparisons'
-  if (out / 'counts.json').exists():
-    return load_comparison_data(out)
-  fractions = tuple((k + 1) / num_checkpoints for k in range(num_checkpoints))
-  sft = [sft_example(tok, ex.question, ex.answer) for ex in examples]
-  fit.fit(
-    load_base(),
-    sft,
-    loss='sft',
-    config=config.replace(checkpoint_fractions=fractions),
-    workdir=workdir / 'supervisor',
-    mesh=mesh,
-    progress=progress,
-  )
-  snapshots = fit.fit_checkpoints(workdir / 'supervisor')
-  if len(snapshots) != num_checkpoints:
-    raise RuntimeError(
-      f'the fit in {workdir / "supervisor"} kept {len(snapshots)} snapshots, expected '
-      f'{num_checkpoints} (too few training steps for that many?)'
-    )
-  samples, correct = sample_checkpoints(
-    load_base,
-    [p for _, p in snapshots],
-    tok,
-    task,
-    examples,
-    seed=seed,
-    batch_size=batch_size,
-    mesh=mesh,
-    out_dir=workdir / 'samples',
-    progress=progress,
-  )
-  data, counts = comparison_dataset(
-    [ex.question for ex in examples],
-    [ex.answer for ex in examples],
-    samples,
-    correct,
-    seed=seed,
-    val_frac=val_frac,
-    ids=[ex.id for ex in examples],
-  )
-  counts['checkpoints'] = dict(
-    steps=[s for s, _ in snapshots], accuracy=[float(np.mean(c)) for c in correct]
-  )
-  if wd.is_writer():
-    save_comparison_data(out, data, counts)
-  wd.sync('evaluator:comparisons')
-  return data, counts
-
-
 # -- the model scorer --------------------------------------------------------------------------
 
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
-
-
-def model_mesh(model: nnx.Module) -> Mesh:
-  """The mesh the model's parameters live on; a one-device mesh for an unsharded model."""
-  mesh = shd.mesh_of(nnx.state(model))
-  return mesh if mesh is not None else shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
 def with_score_head(
@@ -459,7 +169,7 @@ def with_score_head(
   if model.cfg.num_labels:
     raise ValueError(f'model already has a {model.cfg.num_labels}-class score head')
   cfg = model.cfg.replace(num_labels=num_labels)
-  mesh = mesh if mesh is not None else model_mesh(model)
+  mesh = shd.model_mesh(model, mesh)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))
   shardings = dict(nnx.to_flat_state(shd.state_shardings(abstract, mesh, rules)))
   source = dict(nnx.to_flat_state(nnx.state(model)))
@@ -529,7 +239,7 @@ class EvaluatorScorer:
     self.too_long = too_long
     self.swap_second_order = swap_second_order
     self.progress = progress
-    self.mesh = mesh if mesh is not None else model_mesh(model)
+    self.mesh = shd.model_mesh(model, mesh)
     self.rows = _round_up(2 * batch_size, shd.batch_size_multiple(self.mesh))
     graphdef, state = nnx.split(model)
     state_sh = shd.state_shardings(state, self.mesh, rules)
@@ -650,32 +360,7 @@ class EvaluatorScorer:
     return self.score_ids(*self.tokenize(questions, currents, proposals))
 
 
-def score_pairs(
-  model: Decoder,
-  tok: Tokenizer,
-  questions: Sequence[str],
-  currents: Sequence[str],
-  proposals: Sequence[str],
-  *,
-  batch_size: int = 16,
-  swap_second_order: bool = True,
-  **options,
-) -> np.ndarray:
-  """P(proposal better than current) for every pair; `EvaluatorScorer` once (options: its args)."""
-  scorer = EvaluatorScorer(
-    model, tok, batch_size=batch_size, swap_second_order=swap_second_order, **options
-  )
-  return scorer(questions, currents, proposals)
-
-
 # -- training --------------------------------------------------------------------------------
-
-# The paper's evaluator training (METHOD.md): full fine-tune, AdamW lr 1e-6, batch 16, up to 5
-# epochs; warmup as the pipeline's evaluator_train section. Early stopping (patience 1) is an
-# argument of train_evaluator.
-DEFAULT_TRAIN = train.TrainConfig(
-  optimizer='adamw', lr=1e-6, global_batch=16, epochs=5, warmup_ratio=0.05, max_len=2048
-)
 
 
 def validation_metrics(scorer: EvaluatorScorer, rows: Sequence[Mapping[str, Any]]) -> dict:
@@ -714,7 +399,7 @@ def train_evaluator(
   data: Mapping[str, Sequence[Mapping[str, Any]]],
   *,
   workdir: str | os.PathLike,
-  config: train.TrainConfig = DEFAULT_TRAIN,
+  config: train.TrainConfig,
   patience: int | None = 1,
   max_len: int | None = None,
   too_long: str = 'error',
@@ -733,7 +418,8 @@ def train_evaluator(
       donated to training, so use the returned model.
     tok: the tokenizer; prompts are `comparison_ids` (truncated per `too_long`).
     data: {'train': rows, 'validation': rows} as `comparison_dataset` makes them.
-    config: the TrainConfig (default DEFAULT_TRAIN); max_len, if given, overrides its max_len.
+    config: the TrainConfig (the pipeline's evaluator_train section: full fine-tune, AdamW lr
+      1e-6, batch 16, up to 5 epochs); max_len, if given, overrides its max_len.
 
   Returns:
     (the trained model, fit's FitResult whose final_metrics also hold `validation_metrics`:

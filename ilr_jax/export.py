@@ -29,7 +29,7 @@ import pathlib
 
 from absl import app, flags
 
-from ilr_jax.schema import DPO_METHODS, ILR_METHODS, METHODS
+from ilr_jax import graph, methods
 
 
 class ExportError(ValueError):
@@ -43,22 +43,13 @@ def _config(workdir: pathlib.Path) -> dict:
   return json.loads(path.read_text())
 
 
-def _round0(method: str) -> tuple[str, str]:
-  return ('cor/labels', 'cor/sft') if method.startswith('cor') else ('weak_labels', 'sft')
-
-
 def final_stage(config: dict, method: str, what: str = 'model') -> str:
   """The stage of `method`'s last round: its model (`what='model'`) or its label set."""
-  if method not in METHODS:
-    raise ExportError(f'unknown method {method!r}; known: {METHODS}')
+  if method not in methods.METHODS:
+    raise ExportError(f'unknown method {method!r}; known: {methods.NAMES}')
   if method not in config['methods'] and method != 'sft':
     raise ExportError(f'the run has no method {method!r} (it ran {config["methods"]})')
-  labels, model = _round0(method)
-  k = config['num_rounds']
-  if method in ILR_METHODS and k:
-    return f'{method}/r{k}/' + ('model' if what == 'model' else 'labels')
-  if method in DPO_METHODS and k and what == 'model':
-    return f'{method}/r{k}/policy'
+  labels, model = graph.final_stages(methods.get(method), config['num_rounds'])
   return model if what == 'model' else labels
 
 
@@ -143,10 +134,13 @@ def _define_flags() -> None:
   global _WORKDIR, _STAGE, _LABELS, _METHOD, _OUT, _DTYPE
   _WORKDIR = flags.DEFINE_string('workdir', None, 'the run workdir')
   _STAGE = flags.DEFINE_string('stage', None, "a model stage (e.g. 'ilr/r6/model') or 'final'")
-  _LABELS = flags.DEFINE_string('labels', None, "a label-set stage (e.g. 'ilr/r6/labels') or 'final'")
+  _LABELS = flags.DEFINE_string(
+    'labels', None, "a label-set stage (e.g. 'ilr/r6/labels') or 'final'"
+  )
   _METHOD = flags.DEFINE_string('method', None, "with 'final': the method whose last round to take")
   _OUT = flags.DEFINE_string('out', None, 'the folder to write')
   _DTYPE = flags.DEFINE_string('dtype', None, 'dtype of the export (default: the run config)')
+
 
 def main(argv) -> None:
   if len(argv) > 1:

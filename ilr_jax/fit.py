@@ -1,12 +1,10 @@
 """The fit loop: epochs over a dataset, logging, checkpoints, resume, validation, early stopping.
 
 `fit(model, examples, loss=..., config=TrainConfig(...), workdir=...)` trains and returns
-(model, FitResult). Examples are what tokens.py produces:
-  sft:        (ids, loss_mask) pairs (`tokens.sft_example`);
-  dpo:        `Pair`s whose reference log-probs are filled in (`with_reference_logps`, run once per
-              round with the reference model, before training; the paper's reference is the
-              previous round's policy, i.e. the model about to be trained);
-  classifier: (ids, label) pairs.
+(model, FitResult). Examples are of the loss's format (examples.py); DPO pairs get their
+reference log-probs from `with_reference_logps`, run once per round with the reference model
+before training (the paper's reference is the previous round's policy, i.e. the model about to be
+trained).
 
 Data order: each epoch is a permutation drawn from (seed, epoch). To keep padding low, windows of
 50 global batches are sorted by length, cut into global batches, and the batches shuffled; each
@@ -58,9 +56,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ilr_jax import examples as examples_lib
 from ilr_jax import lora as lora_lib
 from ilr_jax import sharding as shd
 from ilr_jax import train as train_lib
+from ilr_jax.examples import DpoPair
 from ilr_jax.model import Decoder, ModelConfig
 from ilr_jax.tokens import pad_batch
 from ilr_jax.train import TrainConfig
@@ -69,23 +69,6 @@ from ilr_jax.workdir import load
 SORT_WINDOW = 50  # global batches sorted by length together
 # ModelConfig fields that do not change the parameters (a snapshot loads across them).
 _NUMERICS_FIELDS = ('dtype', 'param_dtype', 'remat', 'scan_layers')
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-  """A DPO preference pair: chosen and rejected (ids, loss_mask), with reference log-probs."""
-
-  chosen: Sequence[int]
-  chosen_loss_mask: Sequence[int]
-  rejected: Sequence[int]
-  rejected_loss_mask: Sequence[int]
-  ref_chosen_logps: float | None = None
-  ref_rejected_logps: float | None = None
-
-  @classmethod
-  def from_examples(cls, chosen: tuple, rejected: tuple) -> Pair:
-    """From two `tokens.sft_example` results (same prompt, two answers)."""
-    return cls(chosen[0], chosen[1], rejected[0], rejected[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,82 +98,9 @@ class FitResult:
 # -- data ----------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Data:
-  """Examples as int32 arrays, with the lengths and target counts batching needs."""
-
-  loss: str
-  seqs: tuple[tuple[np.ndarray, ...], ...]  # per example: the arrays collate() reads
-  floats: np.ndarray  # [n, 2] reference log-probs (dpo) or labels (classifier, column 0)
-  lengths: np.ndarray  # [n] longest sequence of the example
-  targets: np.ndarray  # [n] most target positions of any of its sequences
-
-  def __len__(self) -> int:
-    return len(self.seqs)
-
-
-def _as_ids(x, what: str, vocab: int) -> np.ndarray:
-  a = np.asarray(x, np.int32)
-  if a.ndim != 1 or a.size == 0:
-    raise ValueError(f'{what} must be a non-empty 1-D sequence of token ids, got shape {a.shape}')
-  if a.min() < 0 or a.max() >= vocab:
-    raise ValueError(f'{what} has token ids outside [0, {vocab})')
-  return a
-
-
-def _prepare(loss: str, examples: Sequence, cfg: TrainConfig, model_cfg: ModelConfig) -> _Data:
-  if not len(examples):
-    raise ValueError('no training examples')
-  vocab = model_cfg.vocab_size
-  seqs, floats, lengths, targets = [], [], [], []
-  for i, ex in enumerate(examples):
-    if loss == 'sft':
-      ids, lm = ex
-      ids, lm = _as_ids(ids, f'example {i}', vocab), np.asarray(lm, np.int32)
-      if lm.shape != ids.shape:
-        raise ValueError(f'example {i}: loss_mask shape {lm.shape} != ids shape {ids.shape}')
-      seqs.append((ids, lm))
-      floats.append((0.0, 0.0))
-      lengths.append(len(ids))
-      targets.append(int(lm[1:].sum()))
-    elif loss == 'dpo':
-      if not isinstance(ex, Pair):
-        raise ValueError(f'example {i} is a {type(ex).__name__}, not a fit.Pair')
-      if ex.ref_chosen_logps is None or ex.ref_rejected_logps is None:
-        raise ValueError(
-          f'pair {i} has no reference log-probs; compute them with with_reference_logps()'
-        )
-      c = _as_ids(ex.chosen, f'pair {i} chosen', vocab)
-      r = _as_ids(ex.rejected, f'pair {i} rejected', vocab)
-      cm, rm = (
-        np.asarray(ex.chosen_loss_mask, np.int32),
-        np.asarray(ex.rejected_loss_mask, np.int32),
-      )
-      if cm.shape != c.shape or rm.shape != r.shape:
-        raise ValueError(f'pair {i}: a loss_mask does not match its ids')
-      seqs.append((c, cm, r, rm))
-      floats.append((float(ex.ref_chosen_logps), float(ex.ref_rejected_logps)))
-      lengths.append(max(len(c), len(r)))
-      targets.append(max(int(cm[1:].sum()), int(rm[1:].sum())))
-    else:
-      ids, label = ex
-      ids = _as_ids(ids, f'example {i}', vocab)
-      if not 0 <= int(label) < model_cfg.num_labels:
-        raise ValueError(f'example {i} has label {label}, outside [0, {model_cfg.num_labels})')
-      seqs.append((ids,))
-      floats.append((float(label), 0.0))
-      lengths.append(len(ids))
-      targets.append(0)
-    if lengths[-1] > cfg.max_len:
-      raise ValueError(
-        f'example {i} has {lengths[-1]} tokens > max_len={cfg.max_len}; raise max_len or drop it'
-      )
-  return _Data(
-    loss,
-    tuple(seqs),
-    np.asarray(floats, np.float32),
-    np.asarray(lengths, np.int64),
-    np.asarray(targets, np.int64),
+def _prepare(loss: str, examples: Sequence, cfg: TrainConfig, model_cfg: ModelConfig):
+  return examples_lib.encode(
+    loss, examples, cfg.max_len, model_cfg.vocab_size, model_cfg.num_labels
   )
 
 
@@ -207,52 +117,12 @@ def epoch_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int)
   return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def padded_length(longest: int, cfg: TrainConfig) -> int:
-  return min(cfg.max_len, -(-longest // cfg.pad_multiple) * cfg.pad_multiple)
+def collate(data: examples_lib.Encoded, idx: np.ndarray, rows: int, cfg: TrainConfig):
+  """Host batch of examples `idx` padded to `rows` rows and its target bound (examples.py)."""
+  return examples_lib.collate(data, idx, rows, cfg.max_len, cfg.pad_multiple)
 
 
-def target_bound(longest_targets: int, length: int) -> int:
-  """Target positions a batch of padded `length` computes logits at (see the module docstring)."""
-  for p in (length // 4, length // 2):
-    if p >= max(longest_targets, 1):
-      return p
-  return length - 1
-
-
-def collate(
-  data: _Data, idx: np.ndarray, rows: int, cfg: TrainConfig
-) -> tuple[dict[str, np.ndarray], int | None]:
-  """Host batch of examples `idx` padded to `rows` rows, and its target bound (None: classifier)."""
-  length = padded_length(int(data.lengths[idx].max()), cfg)
-  empty = [np.zeros(0, np.int32)] * (rows - len(idx))
-
-  def column(k: int) -> tuple[np.ndarray, np.ndarray]:
-    return pad_batch([data.seqs[i][k] for i in idx] + empty, length=length)
-
-  f = np.zeros((rows, 2), np.float32)
-  f[: len(idx)] = data.floats[idx]
-  if data.loss == 'classifier':
-    tokens, mask = column(0)
-    return {'tokens': tokens, 'mask': mask, 'labels': f[:, 0].astype(np.int32)}, None
-  if data.loss == 'sft':
-    tokens, mask = column(0)
-    batch = {'tokens': tokens, 'mask': mask, 'loss_mask': column(1)[0]}
-  else:
-    (ct, cm), (rt, rm) = column(0), column(2)
-    batch = {
-      'chosen_tokens': ct,
-      'chosen_mask': cm,
-      'chosen_loss_mask': column(1)[0],
-      'rejected_tokens': rt,
-      'rejected_mask': rm,
-      'rejected_loss_mask': column(3)[0],
-      'ref_chosen_logps': f[:, 0],
-      'ref_rejected_logps': f[:, 1],
-    }
-  return batch, target_bound(int(data.targets[idx].max()), length)
-
-
-def _train_batch(data: _Data, idx: np.ndarray, cfg: TrainConfig, rows: int):
+def _train_batch(data: examples_lib.Encoded, idx: np.ndarray, cfg: TrainConfig, rows: int):
   batch, bound = collate(data, idx, rows, cfg)
   accum = cfg.accum_steps
   if accum > 1:
@@ -329,16 +199,16 @@ def fit_checkpoints(workdir: str | pathlib.Path) -> list[tuple[int, pathlib.Path
 
 
 def with_reference_logps(
-  model: Decoder, pairs: Sequence[Pair], *, batch_size: int = 32, pad_multiple: int = 64
-) -> list[Pair]:
+  model: Decoder, pairs: Sequence[DpoPair], *, batch_size: int = 32, pad_multiple: int = 64
+) -> list[DpoPair]:
   """`pairs` with ref_chosen_logps / ref_rejected_logps from `model` (the DPO reference).
 
   Run once per round, before training, with the model the policy starts from.
   """
-  mesh = shd.mesh_of(nnx.state(model)) or shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = shd.model_mesh(model)
   shards = shd.batch_size_multiple(mesh)
   rows = -(-batch_size // shards) * shards
-  out: list[Pair] = []
+  out: list[DpoPair] = []
   for start in range(0, len(pairs), rows):
     chunk = pairs[start : start + rows]
     seqs = [s for p in chunk for s in (p.chosen, p.rejected)]
@@ -466,7 +336,7 @@ def _resume_step(manager: ocp.CheckpointManager, workdir: pathlib.Path, snap_ste
   return start
 
 
-def _validate(trainer, state, val: _Data, cfg: TrainConfig, rows: int) -> float:
+def _validate(trainer, state, val: examples_lib.Encoded, cfg: TrainConfig, rows: int) -> float:
   order = np.argsort(val.lengths, kind='stable')
   shardings = trainer.eval_shardings()
   total = count = 0.0

@@ -316,8 +316,7 @@ class _LocalLM:
     return jnp.einsum('BTD,BT->BD', h_BTD, w_BT) / jnp.sum(w_BT, axis=1, keepdims=True)
 
   def ids(self, text: str) -> list[int]:
-    bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
-    return bos + self.tok.encode(text)
+    return tokens.encode_with_bos(self.tok, text)
 
   def run(self, fn, seqs: Sequence[list[int]]) -> np.ndarray:
     """fn over all sequences in fixed-size batches (lengths rounded up to limit recompiles)."""

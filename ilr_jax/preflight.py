@@ -9,7 +9,7 @@ workdir.
 
 from __future__ import annotations
 
-from ilr_jax import judge, schema, tasks
+from ilr_jax import judge, methods, tasks
 from ilr_jax.schema import ConfigError
 
 # What loading a task's data raises for bad data (tasks.py turns most into a ValueError naming
@@ -39,10 +39,10 @@ def _limits(config) -> None:
 
 
 def _task(config) -> tasks.Task:
-  from ilr_jax import pipeline
+  from ilr_jax import context
 
   try:
-    return pipeline.make_task(config.task.to_dict())
+    return context.make_task(config.task.to_dict())
   except (TypeError, ValueError) as e:  # TypeError: an option this task does not take
     raise ConfigError(f'--config.task: {e}') from None
 
@@ -69,13 +69,12 @@ def _decoding(config, task: tasks.Task) -> None:
     _need(d.num_beams >= 1, f'{where}: num_beams must be >= 1, got {d.num_beams}')
     _need(d.temperature > 0, f'{where}: temperature must be > 0, got {d.temperature}')
     _need(d.num_samples >= 1, f'{where}: num_samples must be >= 1, got {d.num_samples}')
-  if any(m in schema.DPO_METHODS for m in config.methods):
-    want = task.decoding['dpo'].num_samples
-    _need(
-      config.dpo.num_samples == want,
-      f'--config.dpo.num_samples={config.dpo.num_samples}, but task {task.name} samples {want} '
-      'answers per DPO prompt',
-    )
+
+
+def _compares(name: str) -> bool:
+  """Whether an ILR method compares proposals with labels (every one but random feedback)."""
+  m = methods.get(name)
+  return m.family == 'ilr' and m.feedback != 'random'
 
 
 def _graders(config, task: tasks.Task, examples) -> None:
@@ -84,7 +83,7 @@ def _graders(config, task: tasks.Task, examples) -> None:
     options = config.task.to_dict()
     try:
       judge.check_options(options.get('judge'), 'task.judge')
-      if any(m in schema.ILR_METHODS and m != 'naive' for m in config.methods):
+      if any(_compares(m) for m in config.methods):  # agreement is by embedding
         judge.check_options(options.get('embedder'), 'task.embedder', embedder=True)
     except judge.JudgeConfigError as e:
       raise ConfigError(str(e)) from None

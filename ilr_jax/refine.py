@@ -209,6 +209,18 @@ def naive_replace(n: int, alpha: float, rng: np.random.Generator | int) -> Refin
   return _decision(replace, math.nan, None)
 
 
+def permutation_split(
+  n: int, num_first: int, rng: np.random.Generator | int
+) -> tuple[np.ndarray, np.ndarray]:
+  """A seeded split of range(n): the first `num_first` entries of a uniform permutation, then the
+  rest, each sorted ascending (int64). numpy's PCG64 permutation is the same on every machine for
+  a given seed, so every split of the pipeline (halves A/B, ILR's H1/H2, train/validation) is."""
+  if n < 0:
+    raise ValueError(f'n must be >= 0, got {n}')
+  perm = _as_rng(rng).permutation(n)
+  return np.sort(perm[:num_first]), np.sort(perm[num_first:])
+
+
 def split_two(n: int, rng: np.random.Generator | int) -> tuple[np.ndarray, np.ndarray]:
   """Random halving of the current labels (ILR step 1).
 
@@ -218,11 +230,7 @@ def split_two(n: int, rng: np.random.Generator | int) -> tuple[np.ndarray, np.nd
   Returns:
     (idx_h1, idx_h2): disjoint int64 index arrays, each sorted ascending, covering range(n).
   """
-  if n < 0:
-    raise ValueError(f'n must be >= 0, got {n}')
-  perm = _as_rng(rng).permutation(n)
-  half = n // 2
-  return np.sort(perm[:half]), np.sort(perm[half:])
+  return permutation_split(n, max(n, 0) // 2, rng)
 
 
 def dpo_pairs(num_prompts: int, num_samples: int = 6) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ilr_jax import methods as methods_lib
 from ilr_jax import workdir as wdlib
 
 TABLE_COLUMNS = (
@@ -42,12 +43,11 @@ TABLE_COLUMNS = (
   ('dpo_pair_accuracy', 'DPO pair acc'),
   ('dpo_reward_margin', 'DPO margin'),
 )
-ILR_METHODS = ('ilr', 'naive', 'orailr', 'cororailr')
 
 
 def write_results(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
   """results.jsonl: one JSON object per row, written atomically."""
-  text = ''.join(json.dumps(wdlib._jsonable(dict(r)), sort_keys=True) + '\n' for r in rows)
+  text = ''.join(json.dumps(wdlib.jsonable(dict(r)), sort_keys=True) + '\n' for r in rows)
   wdlib.write_text(path, text)
 
 
@@ -102,21 +102,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   return _sorted(out)
 
 
-METHOD_ORDER = (
-  'supervisor',
-  'sft',
-  'ilr',
-  'naive',
-  'dpo',
-  'orailr',
-  'oradpo',
-  'cororailr',
-  'cororadpo',
-)
-
-
 def _sorted(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  order = {m: i for i, m in enumerate(METHOD_ORDER)}
+  order = {m: i for i, m in enumerate(methods_lib.DISPLAY_ORDER)}
   return sorted(
     (dict(r) for r in rows),
     key=lambda r: (order.get(r['method'], 99), r['method'], int(r['round']), r.get('seed', 0)),
@@ -150,6 +137,12 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _refines_labels(method: str) -> bool:
+  """Whether a row's method has a label set per round (the ILR family)."""
+  m = methods_lib.METHODS.get(method)
+  return m is not None and m.family == 'ilr'
+
+
 def plot_accuracy(
   rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = ''
 ) -> None:
@@ -168,7 +161,7 @@ def plot_accuracy(
   for method in methods:
     rs = [r for r in agg if r['method'] == method]
     for ax, key in ((ax_test, 'test_accuracy'), (ax_label, 'label_accuracy')):
-      if key == 'label_accuracy' and method not in ILR_METHODS:
+      if key == 'label_accuracy' and not _refines_labels(method):
         continue
       pts = [(r['round'], r[key], r.get(f'{key}_std', 0.0)) for r in rs if key in r]
       if not pts:
@@ -185,11 +178,9 @@ def plot_accuracy(
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.stem + '.tmp' + path.suffix)
-  fig.savefig(tmp, dpi=110)
+  with wdlib.atomic_file(path) as tmp:
+    fig.savefig(tmp, dpi=110, format=pathlib.Path(path).suffix[1:])
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def write_tensorboard(log_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -238,12 +229,12 @@ def partial_results(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   """Rows of the finished rounds of a run that may still be going (from its stage records)."""
   import ml_collections
 
-  from ilr_jax import pipeline
+  from ilr_jax import graph
 
   root = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(wdlib.read_json(root / 'config.json'))
-  wd = wdlib.Workdir(root, config.to_dict(), pipeline.plan(config))
-  return pipeline.results(config, wd, partial=True)
+  wd = wdlib.Workdir(root, config.to_dict(), graph.plan(config))
+  return graph.results(config, wd, partial=True)
 
 
 def combine(

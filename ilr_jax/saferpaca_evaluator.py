@@ -20,7 +20,7 @@ over refusals (the safety-only model refuses).
 
 Two differences from the released code, both in the direction METHOD.md sets for every task: a
 pair whose two sides are the same text teaches nothing and is dropped (`keep_ties=True` keeps it),
-and the 90/10 train/validation split is over questions (evaluator.pairs_dataset), where the
+and the 90/10 train/validation split is over questions (evaluator_data.pairs_dataset), where the
 released code shuffles its pair list and cuts it.
 """
 
@@ -118,7 +118,7 @@ def build_pairs(
 def stage_evaluator_data(run) -> dict:
   """The pipeline's `evaluator_data` stage for SaferPaca: two category-only fits on half A, their
   snapshots' ungraded samples, the pairs above, saved as the other tasks' comparison data."""
-  from ilr_jax import evaluator, fit, pipeline
+  from ilr_jax import evaluator_data, fit
   from ilr_jax.workdir import is_writer, sync
 
   stage, c = 'evaluator_data', run.config
@@ -132,37 +132,30 @@ def stage_evaluator_data(run) -> dict:
     if not rows:
       raise RuntimeError(f'{stage}: half A holds no {cat!r} row to train the {cat}-only model on')
     sub = f'{stage}/{cat}'
-    examples = pipeline._sft_examples(
-      run, 'supervisor', [e.question for e in rows], [e.answer for e in rows]
+    examples = run.sft_examples('supervisor', [e.question for e in rows], [e.answer for e in rows])
+    config = run.train_config(
+      c.supervisor_sft, sub, checkpoint_fractions=tuple((i + 1) / n for i in range(n))
     )
-    pipeline._fit(
-      run,
-      sub,
-      run.base('supervisor'),
-      examples,
-      'sft',
-      c.supervisor_sft,
-      train_options=dict(checkpoint_fractions=tuple((i + 1) / n for i in range(n))),
-    )
+    run.fit(sub, run.base('supervisor'), examples, 'sft', config)
     snapshots = fit.fit_checkpoints(run.wd.path(sub, 'fit'))
     if len(snapshots) != n:
       raise RuntimeError(
         f'{sub}: the {cat}-only fit kept {len(snapshots)} snapshots, expected {n} (too few '
         'training steps for --config.evaluator_train.num_checkpoints?)'
       )
-    samples[cat], _ = evaluator.sample_checkpoints(
+    samples[cat], _ = evaluator_data.sample_checkpoints(
       lambda: run.base('supervisor'),
       [p for _, p in snapshots],
       run.tok('supervisor'),
       run.task,
       half_a,
-      seed=pipeline._stage_seed(c.seed, sub),
+      seed=run.seed(sub),
       batch_size=c.sampling.batch_size,
       mesh=run.mesh,
       out_dir=run.wd.path(sub, 'samples'),
       grade=False,
     )
-  seed = pipeline._stage_seed(c.seed, stage)
+  seed = run.seed(stage)
   pairs, pair_counts = build_pairs(
     cats,
     [e.answer for e in half_a],
@@ -170,7 +163,7 @@ def stage_evaluator_data(run) -> dict:
     samples['safety'],
     np.random.default_rng(seed),
   )
-  data, counts = evaluator.pairs_dataset(
+  data, counts = evaluator_data.pairs_dataset(
     [e.question for e in half_a],
     pairs,
     ids=[e.id for e in half_a],
@@ -180,7 +173,7 @@ def stage_evaluator_data(run) -> dict:
   )
   counts['pairs'] = pair_counts
   if is_writer():
-    evaluator.save_comparison_data(run.wd.path(stage, 'data'), data, counts)
+    evaluator_data.save_comparison_data(run.wd.path(stage, 'data'), data, counts)
   sync(stage)
   return {
     'counts': counts,

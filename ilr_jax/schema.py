@@ -2,8 +2,10 @@
 values (`base_config`), the method arg of a config file (`parse_arg`), and `validate`, which turns a
 value that cannot run into a one-line ConfigError naming the `--config.` flag before any work.
 
-Config files (configs/*.py) start from `base_config(method, task)` and fill in the task's models,
-data and sizes; pipeline.py runs what they describe.
+Each section is built by one function and checked by the one beside it. Config files
+(configs/*.py) start from `base_config(method, task)` and fill in the task's models, data and
+sizes; pipeline.py runs what they describe. The lists of choices live with the code that makes
+them: methods.NAMES, optimizers.OPTIMIZERS, refine.SCOPES, evaluator.TOO_LONG.
 """
 
 from __future__ import annotations
@@ -14,14 +16,12 @@ from collections.abc import Sequence
 import ml_collections
 from ml_collections import config_dict
 
-METHODS = ('sft', 'ilr', 'naive', 'dpo', 'orailr', 'oradpo', 'cororailr', 'cororadpo')
-COMPARE_METHODS = ('sft', 'ilr', 'naive', 'dpo')
-ILR_METHODS = ('ilr', 'naive', 'orailr', 'cororailr')
-DPO_METHODS = ('dpo', 'oradpo', 'cororadpo')
-EVALUATOR_METHODS = ('ilr', 'dpo')  # the only methods that ask the trained evaluator
+from ilr_jax import methods as methods_lib
+from ilr_jax import refine
+
 INITS = ('hf', 'checkpoint', 'pretrain')
-OPTIMIZERS = ('adamw', 'adafactor', 'rmsprop', 'sgd')
-ALPHA_SCOPES = ('disagreeing', 'all')
+TRAIN_SECTIONS = ('supervisor_sft', 'sft', 'evaluator_train', 'dpo')
+ARGS = methods_lib.NAMES + ('compare',)
 
 
 class ConfigError(ValueError):
@@ -48,12 +48,10 @@ def parse_arg(arg: str, known_switches: Sequence[str] = ()) -> tuple[str, tuple[
   """'method[,switch,...]' -> (method, switches); unknown parts are a one-line error."""
   parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
   if not parts:
-    raise ConfigError(f'config arg is empty; give one of {METHODS + ("compare",)}')
+    raise ConfigError(f'config arg is empty; give one of {ARGS}')
   method, switches = parts[0], tuple(parts[1:])
-  if method not in METHODS + ('compare',):
-    raise ConfigError(
-      f'unknown method {method!r} in config arg; expected one of {METHODS + ("compare",)}'
-    )
+  if method not in ARGS:
+    raise ConfigError(f'unknown method {method!r} in config arg; expected one of {ARGS}')
   bad = [s for s in switches if s not in known_switches]
   if bad:
     raise ConfigError(f'unknown config switches {bad}; this config knows {list(known_switches)}')
@@ -75,19 +73,83 @@ def _model(preset: str, init: str = 'hf') -> ml_collections.ConfigDict:
   return m
 
 
-def _train(lr: float, epochs: float, batch_size: int, optimizer: str = 'adamw'):
+def _check_model(config, role: str) -> None:
+  m, flag = config[role], f'--config.{role}'
+  from ilr_jax import presets
+
+  _need(m.init in INITS, f'{flag}.init must be one of {INITS}, got {m.init!r}')
+  _need(
+    m.preset in presets.HF_CONFIGS,
+    f'{flag}.preset {m.preset!r} is unknown; known: {presets.names()}',
+  )
+  if m.init == 'pretrain':
+    _need(
+      role == 'evaluator' or m.pretrain_steps > 0,
+      f'{flag}.pretrain_steps must be > 0 with init=pretrain',
+    )
+    _check_pretrain(config)
+    if role == 'evaluator':
+      _need(
+        m.preset == config.supervisor.preset and config.supervisor.init == 'pretrain',
+        f"{flag} with init=pretrain shares the supervisor's pretrained base; "
+        'set the same preset as --config.supervisor.preset',
+      )
+  else:
+    _need(
+      m.model_dir is not None and m.model_dir != '',
+      f'{flag}.model_dir is required (an HF model directory) for methods {tuple(config.methods)}',
+    )
+    _need(os.path.isdir(m.model_dir), f'{flag}.model_dir {m.model_dir} does not exist')
+  _need(m.tokenizer is not None and m.tokenizer != '', f'{flag}.tokenizer is required')
+  _need(os.path.exists(m.tokenizer), f'{flag}.tokenizer {m.tokenizer} does not exist')
+
+
+def train_section(
+  lr: float,
+  epochs: float,
+  batch_size: int,
+  optimizer: str = 'adamw',
+  *,
+  lora_rank: int | None = 64,
+  lora_alpha: float = 128.0,
+  max_len: int = 1024,
+) -> ml_collections.ConfigDict:
+  """A training section (context.train_config reads every field). lora_rank None: the section
+  continues the model's own adapter (DPO), so it has no LoRA fields; 0 is a full fine-tune."""
   t = ml_collections.ConfigDict()
   t.lr = lr
-  t.epochs = epochs
+  t.epochs = epochs  # with early stopping (evaluator_train.patience): the most epochs
   t.batch_size = batch_size  # global batch
   t.optimizer = optimizer
   t.warmup_frac = 0.05
   t.weight_decay = 0.0
-  t.lora_rank = 64  # 0: full fine-tune
-  t.lora_alpha = 128.0
-  t.max_len = 1024  # longest training sequence in tokens (longer examples are an error)
+  if lora_rank is not None:
+    t.lora_rank = lora_rank
+    t.lora_alpha = lora_alpha
+  t.max_len = max_len  # longest training sequence in tokens (longer examples are an error)
   t.pad_multiple = 64  # batches are padded to a multiple of this (length buckets)
+  # Rows per gradient-accumulation step (None: the whole batch at once); set where a batch does
+  # not fit the accelerator's memory. The update is the same (train.py).
+  t.micro_batch = config_dict.placeholder(int)
   return t
+
+
+def _check_train(config, name: str) -> None:
+  from ilr_jax import optimizers
+
+  t, flag = config[name], f'--config.{name}'
+  _need(t.lr > 0, f'{flag}.lr must be > 0, got {t.lr}')
+  _need(t.epochs > 0, f'{flag}.epochs must be > 0, got {t.epochs}')
+  _need(t.batch_size >= 1, f'{flag}.batch_size must be >= 1, got {t.batch_size}')
+  mb = t.micro_batch
+  _need(
+    mb is None or (mb >= 1 and t.batch_size % mb == 0),
+    f'{flag}.micro_batch={mb} must be >= 1 and divide batch_size={t.batch_size}',
+  )
+  _need(
+    t.optimizer in optimizers.OPTIMIZERS,
+    f'{flag}.optimizer must be one of {optimizers.OPTIMIZERS}, got {t.optimizer!r}',
+  )
 
 
 def base_config(method: str, task: str) -> ml_collections.ConfigDict:
@@ -97,7 +159,7 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   evaluator's base model to the supervisor's (the paper uses one Gemma-2B for both).
   """
   c = ml_collections.ConfigDict()
-  c.methods = COMPARE_METHODS if method == 'compare' else (method,)
+  c.methods = methods_lib.COMPARE if method == 'compare' else (method,)
   c.seed = 0
   c.num_rounds = 6
   c.compile_cache = True  # JAX's persistent compilation cache (results do not depend on it)
@@ -116,19 +178,14 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
     c.evaluator[field] = c.supervisor.get_ref(field)
 
   # Supervisor SFT on half A (also the evaluator-data model), student SFT; paper: LoRA r64 a128.
-  c.supervisor_sft = _train(5e-4, 2, 32)
-  c.sft = _train(1e-4, 2, 32)
+  c.supervisor_sft = train_section(5e-4, 2, 32)
+  c.sft = train_section(1e-4, 2, 32)
 
-  c.evaluator_train = ml_collections.ConfigDict()
-  c.evaluator_train.lr = 1e-6
-  c.evaluator_train.batch_size = 16
-  c.evaluator_train.max_epochs = 5
+  # The evaluator: a full fine-tune of up to 5 epochs with early stopping.
+  c.evaluator_train = train_section(1e-6, 5, 16, lora_rank=0, lora_alpha=0.0, max_len=2048)
   c.evaluator_train.patience = 1
-  c.evaluator_train.optimizer = 'adamw'
-  c.evaluator_train.warmup_frac = 0.05
   c.evaluator_train.val_frac = 0.1
   c.evaluator_train.num_checkpoints = 10  # checkpoints of the half-A model that sample answers
-  c.evaluator_train.max_len = 2048
   c.evaluator_train.too_long = 'truncate'
   c.evaluator_train.swap_second_order = True  # False: the released DPO code's bug (ablation)
 
@@ -137,15 +194,10 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.ilr.alpha_scope = 'disagreeing'  # the released code; 'all' caps replacements of all labels
   c.ilr.floor = 0.5
 
-  c.dpo = ml_collections.ConfigDict()
+  c.dpo = train_section(1e-6, 2, 32, 'rmsprop', lora_rank=None)  # continues the student's adapter
   c.dpo.beta = 0.1
-  c.dpo.lr = 1e-6
-  c.dpo.optimizer = 'rmsprop'
-  c.dpo.epochs = 2
-  c.dpo.batch_size = 32
-  c.dpo.warmup_frac = 0.05
-  c.dpo.num_samples = 6
-  c.dpo.keep_frac = 0.15  # the policy continues the student's adapter (sft.lora_rank)
+  c.dpo.num_samples = 6  # answers sampled per half-B prompt, paired (1,2), (3,4), ...
+  c.dpo.keep_frac = 0.15
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.batch_size = 64  # prompts per generate call
@@ -157,8 +209,7 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
 
   c.pretrain = ml_collections.ConfigDict()  # arith only (models with init='pretrain')
-  c.pretrain.corpus_size = 0
-  c.pretrain.steps = 0
+  c.pretrain.corpus_size = 0  # the steps are per role: <role>.pretrain_steps
   c.pretrain.lr = 3e-3
   c.pretrain.batch_size = 32
   c.pretrain.max_len = 128
@@ -184,32 +235,85 @@ def _need(cond: bool, msg: str) -> None:
     raise ConfigError(msg)
 
 
-def _mesh_batch_divisor(config, num_devices: int) -> int:
-  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-  _need(
-    sizes.count(-1) <= 1, f'at most one of --config.mesh.data/fsdp/tensor may be -1, got {sizes}'
-  )
-  _need(all(s == -1 or s >= 1 for s in sizes), f'mesh sizes must be >= 1 or -1, got {sizes}')
-  known = 1
-  for s in sizes:
-    known *= s if s != -1 else 1
-  if -1 in sizes:
-    _need(num_devices % known == 0, f'{num_devices} devices cannot fill --config.mesh {sizes}')
-    sizes[sizes.index(-1)] = num_devices // known
-  _need(
-    sizes[0] * sizes[1] * sizes[2] == num_devices,
-    f'--config.mesh data*fsdp*tensor = {sizes[0] * sizes[1] * sizes[2]} != {num_devices} devices',
-  )
-  return sizes[0] * sizes[1]
+def _check_methods(config) -> None:
+  names = tuple(config.methods)
+  _need(bool(names), '--config.methods is empty')
+  bad = [m for m in names if m not in methods_lib.METHODS]
+  _need(not bad, f'--config.methods has unknown methods {bad}; known: {methods_lib.NAMES}')
+  _need(len(set(names)) == len(names), f'--config.methods repeats a method: {names}')
+  _need(config.num_rounds >= 0, f'--config.num_rounds must be >= 0, got {config.num_rounds}')
+  _need(config.seed >= 0, f'--config.seed must be >= 0, got {config.seed}')
 
 
-def uses_evaluator(methods: Sequence[str]) -> bool:
-  return any(m in EVALUATOR_METHODS for m in methods)
+def _check_task(config) -> None:
+  from ilr_jax import tasks
+
+  _need(
+    config.task.name in tasks._TASKS,
+    f'--config.task.name {config.task.name!r} is unknown; known: {sorted(tasks._TASKS)}',
+  )
+  data_dir = config.task.get('data_dir')
+  _need(
+    data_dir is None or os.path.isdir(data_dir), f'--config.task.data_dir {data_dir} does not exist'
+  )
+
+
+def _check_pretrain(config) -> None:
+  p = config.pretrain
+  _need(p.corpus_size > 0, '--config.pretrain.corpus_size must be > 0')
+  _need(0.0 <= p.solved_frac <= 1.0, '--config.pretrain.solved_frac must be in [0, 1]')
+  _need(0.0 <= p.chat_frac <= 1.0, '--config.pretrain.chat_frac must be in [0, 1]')
+
+
+def _check_evaluator_train(config) -> None:
+  et = config.evaluator_train
+  _need(et.num_checkpoints >= 1, '--config.evaluator_train.num_checkpoints must be >= 1')
+  _need(0.0 <= et.val_frac < 1.0, '--config.evaluator_train.val_frac must be in [0, 1)')
+  too_long = ('error', 'truncate')  # evaluator.TOO_LONG (not imported: it pulls in jax)
+  _need(et.too_long in too_long, f'--config.evaluator_train.too_long must be one of {too_long}')
+
+
+def _check_ilr(config) -> None:
+  ilr = config.ilr
+  _need(0 <= ilr.alpha <= 1, f'--config.ilr.alpha must be in [0, 1], got {ilr.alpha}')
+  _need(
+    ilr.alpha_scope in refine.SCOPES,
+    f'--config.ilr.alpha_scope must be one of {refine.SCOPES}, got {ilr.alpha_scope!r}',
+  )
+  _need(0 <= ilr.floor <= 1, f'--config.ilr.floor must be in [0, 1], got {ilr.floor}')
+
+
+def _check_dpo(config) -> None:
+  dpo = config.dpo
+  _need(0 < dpo.keep_frac <= 1, '--config.dpo.keep_frac must be in (0, 1]')
+  _need(
+    dpo.num_samples >= 2 and dpo.num_samples % 2 == 0,
+    f'--config.dpo.num_samples must be even and >= 2, got {dpo.num_samples}',
+  )
+
+
+def _check_mesh(config, num_devices: int) -> None:
+  """The mesh must fit the devices and split every training batch over data x fsdp."""
+  from ilr_jax import sharding
+
+  m = config.mesh
+  try:
+    data, fsdp, _ = sharding.mesh_shape(m.data, m.fsdp, m.tensor, num_devices)
+  except ValueError as e:
+    raise ConfigError(f'--config.mesh: {e}') from None
+  for name in TRAIN_SECTIONS + ('pretrain',):
+    b = config[name].batch_size
+    _need(
+      b % (data * fsdp) == 0,
+      f"--config.{name}.batch_size={b} is not divisible by the mesh's data*fsdp={data * fsdp}",
+    )
 
 
 def model_roles(config) -> tuple[str, ...]:
-  """The models this run needs: supervisor and student always, the evaluator for ilr / dpo."""
-  return ('supervisor', 'student') + (('evaluator',) if uses_evaluator(config.methods) else ())
+  """The models this run needs: supervisor and student always, the evaluator when a method asks
+  the trained evaluator for feedback."""
+  uses = methods_lib.uses_evaluator(config.methods)
+  return ('supervisor', 'student') + (('evaluator',) if uses else ())
 
 
 def resolve(config) -> None:
@@ -226,87 +330,18 @@ def validate(config, num_devices: int | None = None) -> None:
   Resolves the config first (`resolve`).
   """
   resolve(config)
-  methods = tuple(config.methods)
-  _need(bool(methods), '--config.methods is empty')
-  bad = [m for m in methods if m not in METHODS]
-  _need(not bad, f'--config.methods has unknown methods {bad}; known: {METHODS}')
-  _need(len(set(methods)) == len(methods), f'--config.methods repeats a method: {methods}')
-  _need(config.num_rounds >= 0, f'--config.num_rounds must be >= 0, got {config.num_rounds}')
-  _need(config.seed >= 0, f'--config.seed must be >= 0, got {config.seed}')
-  from ilr_jax import presets, tasks
-
-  _need(
-    config.task.name in tasks._TASKS,
-    f'--config.task.name {config.task.name!r} is unknown; known: {sorted(tasks._TASKS)}',
-  )
-  data_dir = config.task.get('data_dir')
-  _need(
-    data_dir is None or os.path.isdir(data_dir), f'--config.task.data_dir {data_dir} does not exist'
-  )
+  _check_methods(config)
+  _check_task(config)
   for role in model_roles(config):
-    m = config[role]
-    flag = f'--config.{role}'
-    _need(m.init in INITS, f'{flag}.init must be one of {INITS}, got {m.init!r}')
-    _need(
-      m.preset in presets.HF_CONFIGS,
-      f'{flag}.preset {m.preset!r} is unknown; known: {presets.names()}',
-    )
-    if m.init == 'pretrain':
-      _need(
-        role == 'evaluator' or m.pretrain_steps > 0,
-        f'{flag}.pretrain_steps must be > 0 with init=pretrain',
-      )
-      _need(config.pretrain.corpus_size > 0, '--config.pretrain.corpus_size must be > 0')
-      _need(
-        0.0 <= config.pretrain.solved_frac <= 1.0, '--config.pretrain.solved_frac must be in [0, 1]'
-      )
-      _need(
-        0.0 <= config.pretrain.chat_frac <= 1.0, '--config.pretrain.chat_frac must be in [0, 1]'
-      )
-      if role == 'evaluator':
-        _need(
-          m.preset == config.supervisor.preset and config.supervisor.init == 'pretrain',
-          f"{flag} with init=pretrain shares the supervisor's pretrained base; "
-          'set the same preset as --config.supervisor.preset',
-        )
-    else:
-      _need(
-        m.model_dir is not None and m.model_dir != '',
-        f'{flag}.model_dir is required (an HF model directory) for methods {methods}',
-      )
-      _need(os.path.isdir(m.model_dir), f'{flag}.model_dir {m.model_dir} does not exist')
-    _need(m.tokenizer is not None and m.tokenizer != '', f'{flag}.tokenizer is required')
-    _need(os.path.exists(m.tokenizer), f'{flag}.tokenizer {m.tokenizer} does not exist')
-  for name in ('supervisor_sft', 'sft', 'evaluator_train', 'dpo'):
-    t = config[name]
-    _need(t.lr > 0, f'--config.{name}.lr must be > 0, got {t.lr}')
-    _need(t.batch_size >= 1, f'--config.{name}.batch_size must be >= 1, got {t.batch_size}')
-    if 'optimizer' in t:
-      _need(t.optimizer in OPTIMIZERS, f'--config.{name}.optimizer must be one of {OPTIMIZERS}')
-  _need(0 <= config.ilr.alpha <= 1, f'--config.ilr.alpha must be in [0, 1], got {config.ilr.alpha}')
-  _need(
-    config.ilr.alpha_scope in ALPHA_SCOPES,
-    f'--config.ilr.alpha_scope must be one of {ALPHA_SCOPES}, got {config.ilr.alpha_scope!r}',
-  )
-  _need(0 < config.dpo.keep_frac <= 1, '--config.dpo.keep_frac must be in (0, 1]')
-  _need(
-    config.dpo.num_samples >= 2 and config.dpo.num_samples % 2 == 0,
-    f'--config.dpo.num_samples must be even and >= 2, got {config.dpo.num_samples}',
-  )
-  _need(
-    config.evaluator_train.num_checkpoints >= 1,
-    '--config.evaluator_train.num_checkpoints must be >= 1',
-  )
+    _check_model(config, role)
+  for name in TRAIN_SECTIONS:
+    _check_train(config, name)
+  _check_evaluator_train(config)
+  _check_ilr(config)
+  _check_dpo(config)
   if num_devices is None:
     import jax
 
     num_devices = jax.device_count()
-  divisor = _mesh_batch_divisor(config, num_devices)
-  for name in ('supervisor_sft', 'sft', 'evaluator_train', 'dpo', 'pretrain'):
-    b = config[name].batch_size
-    _need(
-      b % divisor == 0,
-      f"--config.{name}.batch_size={b} is not divisible by the mesh's data*fsdp={divisor}",
-    )
-  kill = config.debug.kill_at
-  _need(isinstance(kill, str), '--config.debug.kill_at must be a string')
+  _check_mesh(config, num_devices)
+  _need(isinstance(config.debug.kill_at, str), '--config.debug.kill_at must be a string')

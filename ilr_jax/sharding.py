@@ -39,26 +39,35 @@ TRAIN_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 DECODE_RULES = tuple((name, None if axis == 'fsdp' else axis) for name, axis in TRAIN_RULES)
 
 
-def make_mesh(
-  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one size may be -1, meaning all remaining devices."""
-  devices = list(devices if devices is not None else jax.devices())
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """The (data, fsdp, tensor) sizes of a mesh over `num_devices`, one -1 filled in; a shape that
+  cannot be made is a ValueError naming the sizes."""
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
     raise ValueError(
       f'at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}'
     )
+  if any(s != -1 and s < 1 for s in sizes):
+    raise ValueError(f'mesh sizes must be >= 1 or -1, got {sizes}')
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f'{len(devices)} devices cannot be split into mesh axes {sizes}')
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+    if num_devices % known:
+      raise ValueError(f'{num_devices} devices cannot be split into mesh axes {sizes}')
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
     raise ValueError(
       f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs '
-      f'{int(np.prod(sizes))} devices, but {len(devices)} are available'
+      f'{int(np.prod(sizes))} devices, but {num_devices} are available'
     )
+  return tuple(sizes)
+
+
+def make_mesh(
+  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1, meaning all remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = list(mesh_shape(data, fsdp, tensor, len(devices)))
   if len(devices) > 1 and jax.process_count() == 1:
     grid = mesh_utils.create_device_mesh(sizes, devices)
   else:

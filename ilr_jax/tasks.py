@@ -36,11 +36,11 @@ USES = ('label', 'proposal', 'eval', 'dpo', 'evaluator_data')
 def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """The seeded 50/50 split of n rows: (half A, half B) index arrays, each sorted.
 
-  numpy's PCG64 permutation is the same on every machine for a given seed; half A takes the first
-  n // 2 of it (7,473 GSM8K rows give 3,736 / 3,737).
+  Half A takes the first n // 2 of a seeded permutation (7,473 GSM8K rows give 3,736 / 3,737).
   """
-  perm = np.random.default_rng(seed).permutation(n)
-  return np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+  from ilr_jax import refine
+
+  return refine.permutation_split(n, n // 2, seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,24 +56,36 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class Decoding:
-  """How to decode for one use: beam search (num_beams) or sampling (temperature, num_samples)."""
+  """How to decode for one use: beam search (num_beams) or sampling (temperature, num_samples).
 
-  method: str  # 'beam' or 'sample'
+  `method` is a name of decoding.METHODS ('beam' or 'sample' here).
+  """
+
+  method: str
   max_new_tokens: int
   num_beams: int = 1
   temperature: float = 1.0
   num_samples: int = 1
 
+  def sampler_method(self):
+    """The sampler's method object of this decoding (decoding.method_from_name)."""
+    from ilr_jax import decoding
+
+    return decoding.method_from_name(
+      self.method, temperature=self.temperature, num_beams=self.num_beams
+    )
+
 
 def _decodings(max_new_tokens: int, label_sampling: float | None, dpo_temperature: float):
-  """The method's decoding table (METHOD.md, "Decoding"); label_sampling None means beam 4."""
+  """The method's decoding table (METHOD.md, "Decoding"); label_sampling None means beam 4. The
+  number of DPO samples per prompt is the config's dpo.num_samples (the pipeline sets it)."""
   beam = Decoding('beam', max_new_tokens, num_beams=4)
   label = beam if label_sampling is None else Decoding('sample', max_new_tokens, temperature=1.0)
   return {
     'label': label,
     'proposal': label,
     'eval': beam,
-    'dpo': Decoding('sample', max_new_tokens, temperature=dpo_temperature, num_samples=6),
+    'dpo': Decoding('sample', max_new_tokens, temperature=dpo_temperature),
     'evaluator_data': Decoding('sample', max_new_tokens, temperature=0.6),
   }
 
@@ -113,6 +125,14 @@ class Graded:
 
   def mean(self) -> float:
     return float(np.mean(self.scores)) if len(self.scores) else float('nan')
+
+  @property
+  def correct(self) -> np.ndarray:
+    """bool per item: whether it is right, i.e. scores above 0.5. Exact-answer tasks (GSM8K,
+    BIRD, arith) score 0 or 1; SaferPaca scores the judge's probability that the answer beats the
+    reference response, so there 'correct' means judged better than the reference (not bool() of
+    a probability, which would call almost every answer correct)."""
+    return np.asarray(self.scores, np.float64) > 0.5
 
 
 def text_problem(x: Any) -> str | None:

@@ -94,11 +94,17 @@ class Tokenizer:
   def encode_with_bos(self, text: str) -> list[int]:
     """[BOS] + encode(text), without the BOS where the tokenizer has none: how every sequence
     the models see starts."""
-    return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
+    return encode_with_bos(self, text)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`, special tokens dropped."""
     return self._decode(ids)
+
+
+def encode_with_bos(tok: Tokenizer, text: str) -> list[int]:
+  """[BOS] + ids of `text` (no BOS for a tokenizer without one): how every sequence starts."""
+  bos = [tok.bos_id] if tok.bos_id is not None else []
+  return bos + tok.encode(text)
 
 
 def prompt_text(question: str) -> str:
@@ -107,7 +113,7 @@ def prompt_text(question: str) -> str:
 
 def prompt_ids(tok: Tokenizer, question: str) -> list[int]:
   """[BOS] + the formatted prompt: what the sampler is given for `question`."""
-  return tok.encode_with_bos(prompt_text(question))
+  return encode_with_bos(tok, prompt_text(question))
 
 
 def sft_example(tok: Tokenizer, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,14 +1,12 @@
 """Losses, optimizers, the train state and the pure train steps, jitted with explicit shardings.
 
-Batches are dicts of int32 arrays, right-padded, with the batch dimension first:
-  sft:        tokens, mask, loss_mask [B, T]. The loss at position t predicts tokens[t] from
-              position t - 1, for every t with loss_mask[t] = 1.
-  dpo:        chosen_tokens, chosen_mask, chosen_loss_mask, rejected_tokens, rejected_mask,
-              rejected_loss_mask [B, T] and ref_chosen_logps, ref_rejected_logps [B] float32
-              (sums of the reference model's target-token log-probs, from `sequence_logps`,
-              computed once per round and stored with the pairs, so no second model is held
-              while training).
-  classifier: tokens, mask [B, T] and labels [B]; the score head is read at the last real token.
+Batches are dicts of right-padded arrays, batch dimension first, of the loss's format
+(examples.FORMATS): sft reads tokens, mask, loss_mask (the loss at position t predicts tokens[t]
+from position t - 1, for every t with loss_mask[t] = 1); dpo the chosen_ and rejected_ tokens,
+mask, loss_mask and ref_chosen_logps, ref_rejected_logps (sums of the reference model's
+target-token log-probs from `sequence_logps`, computed once per round, so no second model is held
+while training); classifier tokens, mask and labels (the score head is read at the last real
+token).
 With gradient accumulation every field gets a leading axis: [A, M, ...] for A micro-batches of M.
 Rows whose mask is all zero are padding: they weigh nothing (a short last batch is padded so).
 
@@ -32,18 +30,13 @@ step `(state, batch) -> (state, metrics)` is jitted once per Trainer with in/out
 sharding.py and the state donated; metrics always hold loss, grad_norm (before clipping),
 param_norm (of the trainable parameters after the update) and lr (the rate of this update).
 
-Optimizers match PyTorch's as the released HF Trainer code uses them: adamw (torch.optim.AdamW),
-adafactor (HF with an explicit lr: no parameter scaling, no relative step), rmsprop
-(torch.optim.RMSprop: decay 0.99, eps outside the square root); the schedule is HF's linear warmup
-over ceil(warmup_ratio x steps) steps then cosine (or linear, or constant) decay to 0, with lr 0 at
-the first update as in HF.
+Optimizers and schedules: optimizers.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -55,28 +48,13 @@ from flax import nnx
 
 from ilr_jax import lora as lora_lib
 from ilr_jax import sharding as shd
+from ilr_jax.examples import FORMATS, LOSSES
 from ilr_jax.model import LORA_TARGETS, Decoder
+from ilr_jax.optimizers import OPTIMIZERS, SCHEDULES, current_lr, make_optimizer, make_schedule
 
 Array = jax.Array
 
-LOSSES = ('sft', 'dpo', 'classifier')
-OPTIMIZERS = ('adamw', 'adafactor', 'rmsprop')
-SCHEDULES = ('cosine', 'linear', 'constant')
 DPO_LOSSES = ('sigmoid', 'ipo', 'hinge')
-BATCH_KEYS = {
-  'sft': {'tokens': 2, 'mask': 2, 'loss_mask': 2},
-  'dpo': {
-    'chosen_tokens': 2,
-    'chosen_mask': 2,
-    'chosen_loss_mask': 2,
-    'rejected_tokens': 2,
-    'rejected_mask': 2,
-    'rejected_loss_mask': 2,
-    'ref_chosen_logps': 1,
-    'ref_rejected_logps': 1,
-  },
-  'classifier': {'tokens': 2, 'mask': 2, 'labels': 1},
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,125 +345,6 @@ def sequence_logps(
   )
 
 
-# -- optimizer -----------------------------------------------------------------------------------
-
-
-def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
-  return math.ceil(cfg.warmup_ratio * total_steps)
-
-
-def schedule_value(cfg: TrainConfig, step, warmup, total) -> Array:
-  """HF's schedule at `step`: lr x step / warmup, then cosine / linear decay to 0 (or constant).
-
-  `warmup` and `total` may be traced: the train step reads them from the optimizer state, so fits
-  of different lengths share one compiled step (and the persistent compilation cache).
-  """
-  s = jnp.asarray(step, jnp.float32)
-  warm = jnp.asarray(warmup, jnp.float32)
-  decay_steps = jnp.maximum(1.0, jnp.asarray(total, jnp.float32) - warm)
-  progress = jnp.clip((s - warm) / decay_steps, 0.0, 1.0)
-  if cfg.schedule == 'cosine':
-    after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-  elif cfg.schedule == 'linear':
-    after = 1.0 - progress
-  else:
-    after = jnp.ones_like(progress)
-  return cfg.lr * jnp.where(s < warm, s / jnp.maximum(1.0, warm), after)
-
-
-def make_schedule(cfg: TrainConfig, total_steps: int) -> Callable[[Array], Array]:
-  """The schedule of a run of `total_steps` updates as a function of the step."""
-  warm = warmup_steps(cfg, total_steps)
-  return lambda step: schedule_value(cfg, step, warm, total_steps)
-
-
-class ScheduleState(NamedTuple):
-  """State of `scale_by_schedule`: the update count and the run's schedule lengths (arrays, so
-  the compiled step does not depend on the run's length)."""
-
-  count: Array  # int32 []
-  warmup: Array  # int32 []
-  total: Array  # int32 []
-
-
-def scale_by_schedule(
-  cfg: TrainConfig, total_steps: int, flip_sign: bool = True
-) -> optax.GradientTransformation:
-  """Scale updates by the schedule's lr (negated, for descent, with `flip_sign`)."""
-  warm = warmup_steps(cfg, total_steps)
-  sign = -1.0 if flip_sign else 1.0
-
-  def init(params):
-    del params
-    return ScheduleState(
-      jnp.zeros((), jnp.int32), jnp.asarray(warm, jnp.int32), jnp.asarray(total_steps, jnp.int32)
-    )
-
-  def update(updates, state, params=None):
-    del params
-    lr = schedule_value(cfg, state.count, state.warmup, state.total)
-    updates = jax.tree.map(lambda u: (sign * lr).astype(u.dtype) * u, updates)
-    return updates, state._replace(count=state.count + 1)
-
-  return optax.GradientTransformation(init, update)
-
-
-def current_lr(cfg: TrainConfig, opt_state) -> Array:
-  """The lr the next update of `opt_state` will use (for metrics)."""
-  found = [
-    x
-    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScheduleState))
-    if isinstance(x, ScheduleState)
-  ]
-  (sched,) = found
-  return schedule_value(cfg, sched.count, sched.warmup, sched.total)
-
-
-def _decay_mask(params):
-  # No weight decay on norm scales (HF excludes LayerNorm weights and biases).
-  def one(var):
-    if not isinstance(var, nnx.Variable):
-      return True
-    names = var.get_metadata().get('out_sharding') or ()
-    return 'norm' not in names
-
-  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-  """The optax chain: global-norm clipping, then the optimizer with the schedule.
-
-  The optimizers are optax's (adamw, adafactor, rmsprop) built from their parts, with the lr
-  scaling replaced by `scale_by_schedule` at the same place in the chain.
-  """
-  wd = cfg.weight_decay
-  lr = scale_by_schedule(cfg, total_steps)
-  if cfg.optimizer == 'adamw':
-    parts = [
-      optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
-      optax.add_decayed_weights(wd, _decay_mask),
-      lr,
-    ]
-  elif cfg.optimizer == 'adafactor':
-    # optax.adafactor(multiply_by_parameter_scale=False): rms scaling, block-rms clipping, lr,
-    # then the (lr-free) weight decay and the sign flip.
-    parts = [
-      optax.scale_by_factored_rms(),
-      optax.clip_by_block_rms(1.0),
-      scale_by_schedule(cfg, total_steps, flip_sign=False),
-    ]
-    if wd:
-      parts.append(optax.add_decayed_weights(wd, _decay_mask))
-    parts.append(optax.scale(-1.0))
-  else:
-    # torch's RMSprop adds the (coupled) decay to the gradient.
-    parts = [optax.add_decayed_weights(wd, _decay_mask)] if wd else []
-    parts += [optax.scale_by_rms(decay=cfg.rmsprop_decay, eps=cfg.eps, eps_in_sqrt=False), lr]
-  if cfg.clip_norm is not None:
-    parts.insert(0, optax.clip_by_global_norm(cfg.clip_norm))
-  return optax.chain(*parts)
-
-
 # -- state and steps -----------------------------------------------------------------------------
 
 
@@ -539,8 +398,7 @@ def batch_shardings(loss: str, mesh, accum: bool) -> dict[str, jax.sharding.Name
   """Per-field shardings of a `loss` batch; with `accum` fields are [A, M, ...] (M split)."""
   extra = 1 if accum else 0
   return {
-    k: shd.batch_sharding(mesh, ndim + extra, batch_axis=extra)
-    for k, ndim in BATCH_KEYS[loss].items()
+    k: shd.batch_sharding(mesh, ndim + extra, batch_axis=extra) for k, ndim in FORMATS[loss].items()
   }
 
 
@@ -645,8 +503,7 @@ def make_trainer(
     raise ValueError(
       f'TrainConfig.lora_rank={cfg.lora_rank} but the model has lora_rank={model.cfg.lora_rank}'
     )
-  if mesh is None:
-    mesh = shd.mesh_of(nnx.state(model)) or shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh = shd.model_mesh(model, mesh)
   tx = make_optimizer(cfg, total_steps)
   schedule = make_schedule(cfg, total_steps)
   graphdef, state, state_sh = create_state(model, tx, mesh, rules)

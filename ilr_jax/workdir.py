@@ -1,11 +1,11 @@
-"""The pipeline's working directory: fixed layout, atomic writes, stage records and label sets.
+"""The pipeline's working directory: fixed layout, atomic writes and stage records.
 
 Layout of one `--workdir` (nothing encodes a config value into a folder name):
 
   config.json                  the resolved config of the latest run
   stages/<stage>.json          a finished stage's record (the completion marker, written last)
   stages/<stage>.started.json  the config an unfinished stage was started with
-  <stage>/...                  the stage's outputs (models, label sets, samples, checkpoints)
+  <stage>/...                  the stage's outputs (models, label sets (labels.py), samples, ...)
   results.jsonl, report.md, accuracy.png, tb/   the report (report.py)
 
 A stage name may hold '/' (`ilr/r1/labels`); its outputs then sit in nested folders.
@@ -51,19 +51,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-LABEL_COLUMNS = (
-  'id',
-  'question',
-  'label',
-  'source',
-  'round',
-  'score',
-  'replaced',
-  'agreed',
-  'correct',
-)
-LABEL_SOURCES = ('weak', 'proposal', 'gt')
 
 
 class WorkdirError(ValueError):
@@ -124,13 +111,13 @@ def sync(name: str) -> None:
 # -- atomic writes -------------------------------------------------------------------------------
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+    return jsonable(x.tolist())
   if isinstance(x, np.generic):
     return x.item()
   if isinstance(x, float) and not math.isfinite(x):
@@ -140,25 +127,33 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Write `obj` as JSON through a temporary file and a rename (atomic on POSIX)."""
-  write_text(path, json.dumps(_jsonable(obj), indent=1, sort_keys=True) + '\n')
+  write_text(path, json.dumps(jsonable(obj), indent=1, sort_keys=True) + '\n')
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-  """Write a text file through a temporary file and a rename (atomic on POSIX); on any failure,
-  an interrupt included, the temporary file is removed and `path` keeps its old contents."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yield a temporary file beside `path` to write; on success it is renamed over `path` (atomic
+  on POSIX). On any failure, an interrupt included, the temporary file is removed and `path` keeps
+  its old contents."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=path.name + '.tmp-', dir=path.parent)
+  os.close(fd)
   try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    yield pathlib.Path(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Write a text file atomically (`atomic_file`), synced to disk before the rename."""
+  with atomic_file(path) as tmp, open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def read_json(path: str | os.PathLike, what: str = 'JSON file') -> Any:
@@ -184,89 +179,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   if path.exists():
     shutil.rmtree(path)
   os.replace(tmp, path)
-
-
-# -- label sets ----------------------------------------------------------------------------------
-
-
-def check_label_rows(rows: Mapping[str, Sequence]) -> int:
-  """Validate label-set columns; returns the number of rows. Raises naming the bad column."""
-  missing = [c for c in LABEL_COLUMNS if c not in rows]
-  if missing:
-    raise ValueError(f'label set lacks columns {missing}')
-  n = len(rows['id'])
-  for c in rows:
-    if len(rows[c]) != n:
-      raise ValueError(f'label set column {c!r} has {len(rows[c])} rows, id has {n}')
-  bad = sorted({s for s in rows['source'] if s not in LABEL_SOURCES})
-  if bad:
-    raise ValueError(f'label set sources {bad} not in {LABEL_SOURCES}')
-  if len(set(rows['id'])) != n:
-    raise ValueError('label set ids are not unique')
-  return n
-
-
-def save_label_set(path: str | os.PathLike, rows: Mapping[str, Sequence]) -> None:
-  """Save a label set (columns LABEL_COLUMNS, plus any extra) as an HF dataset, atomically.
-
-  Columns: id, question, label; source ('weak' | 'proposal' | 'gt': where the label came from);
-  round (the round that last set it); score (the evaluator's score of the replacing proposal,
-  NaN if none); replaced (set by a proposal in the round that wrote this set); agreed (this round's
-  proposal agreed with the previous label); correct (the label's correctness where the ground
-  truth is known, else None).
-  """
-  import datasets
-
-  check_label_rows(rows)
-  cols = {c: list(rows[c]) for c in rows}
-  cols['score'] = [float('nan') if s is None else float(s) for s in cols['score']]
-  features = datasets.Features(
-    {
-      **{c: datasets.Value('string') for c in ('id', 'question', 'label', 'source')},
-      'round': datasets.Value('int32'),
-      'score': datasets.Value('float64'),
-      'replaced': datasets.Value('bool'),
-      'agreed': datasets.Value('bool'),
-      'correct': datasets.Value('bool'),
-    }
-  )
-  extra = {c: v for c, v in cols.items() if c not in LABEL_COLUMNS}
-  ds = datasets.Dataset.from_dict(
-    {c: cols[c] for c in LABEL_COLUMNS},
-    features=features,
-  )
-  for c, v in extra.items():
-    ds = ds.add_column(c, v)
-  if not is_writer():
-    return
-  with atomic_dir(path) as tmp:
-    ds.save_to_disk(os.fspath(tmp))
-
-
-def load_label_set(path: str | os.PathLike) -> dict[str, list]:
-  """A saved label set as a dict of column lists (NaN scores as float('nan'))."""
-  import datasets
-
-  def read(p: pathlib.Path) -> dict[str, list]:
-    ds = datasets.load_from_disk(os.fspath(p))
-    return {c: ds[c] for c in ds.column_names}
-
-  rows = load(path, read, 'label set')
-  import jax
-
-  if jax.process_count() > 1:
-    # Every process reads what process 0 wrote; the log line lets a run show they read the same.
-    print(
-      f'[ilr_jax] process {jax.process_index()} read label set {path} digest {label_digest(rows)}',
-      flush=True,
-    )
-  return rows
-
-
-def label_digest(rows: Mapping[str, Sequence]) -> str:
-  """A short content hash of a label set's columns (NaN scores hash as null)."""
-  blob = json.dumps(_jsonable({c: list(rows[c]) for c in sorted(rows)}), sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # -- stages --------------------------------------------------------------------------------------
@@ -296,7 +208,7 @@ def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
     if not tree and prefix:
       out[prefix[:-1]] = {}
     return out
-  return {prefix[:-1]: _jsonable(tree)}
+  return {prefix[:-1]: jsonable(tree)}
 
 
 def _under(k: str, key: str) -> bool:
@@ -317,7 +229,7 @@ _KILL_SUFFIX = re.compile(r'(|outputs|(checkpoint|snapshot)_[0-9]+)')
 
 
 def fingerprint(values: Mapping[str, Any]) -> str:
-  blob = json.dumps(_jsonable(dict(values)), sort_keys=True, separators=(',', ':'))
+  blob = json.dumps(jsonable(dict(values)), sort_keys=True, separators=(',', ':'))
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -452,7 +364,7 @@ class Workdir:
       if stored is None:
         continue
       old, finished = stored
-      change = _first_change(old, _jsonable(self._values[name]))
+      change = _first_change(old, jsonable(self._values[name]))
       if change is None:
         continue
       if not self.recompute_changed:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ilr_jax import pipeline, schema
+from ilr_jax import context, methods, schema, supervisor_stages, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ('arith', 'gsm8k', 'bird', 'saferpaca')
@@ -21,11 +21,11 @@ def _get_config(task, arg):
 
 
 @pytest.mark.parametrize('task', TASKS)
-@pytest.mark.parametrize('method', schema.METHODS + ('compare',))
+@pytest.mark.parametrize('method', schema.ARGS)
 def test_every_method_arg_loads(task, method):
   c = _get_config(task, method)
   assert c.task.name == task
-  expected = schema.COMPARE_METHODS if method == 'compare' else (method,)
+  expected = methods.COMPARE if method == 'compare' else (method,)
   assert tuple(c.methods) == expected
   assert c.ilr.alpha == 0.15 and c.dpo.beta == 0.1 and c.dpo.num_samples == 6
 
@@ -68,7 +68,7 @@ def test_method_md_training_settings():
 def test_arith_tiny_switch_and_all():
   full, tiny = _get_config('arith', 'compare'), _get_config('arith', 'compare,tiny')
   assert tiny.task.num_train < full.task.num_train and tiny.num_rounds < full.num_rounds
-  assert tuple(_get_config('arith', 'compare,all').methods) == schema.METHODS
+  assert tuple(_get_config('arith', 'compare,all').methods) == methods.NAMES
   with pytest.raises(schema.ConfigError, match='unknown config switches'):
     _get_config('arith', 'compare,huge')
   with pytest.raises(schema.ConfigError, match='unknown method'):
@@ -80,10 +80,10 @@ def test_arith_settings_draw_their_data(arg):
   # The data a setting asks for exists (the knobs allow that many distinct problems), and the
   # pipeline's pretraining corpus never asks a test question.
   c = _get_config('arith', arg)
-  task = pipeline.make_task(c.task.to_dict())
+  task = context.make_task(c.task.to_dict())
   train, test = task.load('train'), task.load('test')
   assert (len(train), len(test)) == (c.task.num_train, c.task.num_test)
-  corpus = pipeline.pretrain_corpus(c, task, test)
+  corpus = supervisor_stages.pretrain_corpus(c, task, test)
   assert len(corpus) == c.pretrain.corpus_size
   # A solved problem's question is its first line, or its second in the prompt format.
   asked = {d.split('\n')[1 if d.startswith('USER:') else 0] for d in corpus}
@@ -98,6 +98,9 @@ def test_validate_one_line_errors(tmp_path):
     ('methods', ('ilr', 'rlhf'), 'unknown methods'),
     ('ilr.alpha_scope', 'some', 'alpha_scope'),
     ('dpo.num_samples', 5, 'num_samples'),
+    ('dpo.optimizer', 'sgd', 'dpo.optimizer must be one of'),  # train.py has no sgd
+    ('evaluator_train.epochs', 0, 'evaluator_train.epochs must be > 0'),
+    ('mesh.fsdp', 3, '--config.mesh: 8 devices cannot be split'),
   ]
   for key, value, msg in cases:
     bad = _get_config('arith', 'compare,tiny')
@@ -154,14 +157,10 @@ def test_main_rejects_bad_key_in_one_line(tmp_path):
 
 def test_correctness_of_graded_scores_is_a_threshold_not_bool():
   # SaferPaca grades with win probabilities; bool(0.3) would call a losing answer correct.
-  import types
-
   import numpy as np
 
-  scores = np.array([0.3, 0.7, 1.0, 0.0, 0.5])
-  task = types.SimpleNamespace(grade_batch=lambda preds, refs: types.SimpleNamespace(scores=scores))
-  run = types.SimpleNamespace(task=task)
-  assert pipeline._correct(run, ['a'] * 5, [None] * 5) == [False, True, True, False, False]
+  graded = tasks.Graded(np.array([0.3, 0.7, 1.0, 0.0, 0.5]), {})
+  assert graded.correct.tolist() == [False, True, True, False, False]
 
 
 def test_solved_frac_is_validated():

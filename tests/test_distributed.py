@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from ilr_jax import distributed, workdir
+from ilr_jax import distributed, labels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = 'configs/arith.py:sft,tiny'
@@ -216,8 +216,8 @@ def _same_label_sets(a_wd, b_wd):
   dirs = _label_dirs(a_wd)
   assert dirs and dirs == _label_dirs(b_wd)
   for rel in dirs:
-    a, b = workdir.load_label_set(a_wd / rel), workdir.load_label_set(b_wd / rel)
-    assert workdir.label_digest(a) == workdir.label_digest(b), rel
+    a, b = labels.load_label_set(a_wd / rel), labels.load_label_set(b_wd / rel)
+    assert labels.label_digest(a) == labels.label_digest(b), rel
 
 
 def _report(wd) -> str:
@@ -295,7 +295,7 @@ def test_other_process_read_the_same_label_sets(runs):
       read[path] = digest
   assert read
   for path, digest in read.items():
-    assert workdir.label_digest(workdir.load_label_set(path)) == digest, path
+    assert labels.label_digest(labels.load_label_set(path)) == digest, path
     assert pathlib.Path(path).is_relative_to(two)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ilr_jax import comparisons, evaluator, tasks, train
+from ilr_jax import comparisons, evaluator, evaluator_data, fit, tasks, tokens, train
 from ilr_jax import sharding as shd
 from ilr_jax.model import Decoder, ModelConfig
 from ilr_jax.tokens import Tokenizer
@@ -199,48 +199,6 @@ def test_comparison_ids_and_truncation():
   assert ids == [ab] and labels.tolist() == [1]
 
 
-def test_comparison_dataset_split_and_counts(tmp_path):
-  n = 40
-  questions = [f'q{j}' for j in range(n)]
-  refs = [f'gt{j}' for j in range(n)]
-  # 3 checkpoints, correctness by a fixed pattern, and 5 questions with no correct sample.
-  correct = [[(j + i) % 3 != 0 for j in range(n)] for i in range(3)]
-  for c in correct:
-    c[:5] = [False] * 5
-  samples = [[f's{i}q{j}' for j in range(n)] for i in range(3)]
-  data, counts = evaluator.comparison_dataset(questions, refs, samples, correct, seed=1)
-  assert set(data) == {'train', 'validation'}
-  assert counts['train']['questions'] == 36 and counts['validation']['questions'] == 4
-  for split in data:
-    rows = data[split].to_list()
-    c = counts[split]
-    assert c['examples'] == len(rows) == 2 * c['pairs']
-    assert c['pairs'] == sum(c[k] for k in comparisons.PAIR_KINDS)
-    # Both examples of a pair sit together: better first -> REJECT, then worse first -> ACCEPT.
-    for first, second in zip(rows[::2], rows[1::2]):
-      assert (first['label'], second['label']) == (comparisons.REJECT, comparisons.ACCEPT)
-      assert (first['a'], first['b']) == (second['b'], second['a'])
-      assert first['text'] == comparisons.comparison_prompt(
-        first['question'], first['a'], first['b']
-      )
-      if first['kind'] != 'correct>wrong':
-        assert first['a'] == refs[int(first['question_id'])]
-  assert all(counts['train'][k] + counts['validation'][k] > 0 for k in comparisons.PAIR_KINDS)
-  train_q = {r['question_id'] for r in data['train']}
-  assert not train_q & {r['question_id'] for r in data['validation']}
-  again, _ = evaluator.comparison_dataset(questions, refs, samples, correct, seed=1)
-  assert again['train'].to_list() == data['train'].to_list()
-  evaluator.save_comparison_data(tmp_path / 'evaluator_data', data, counts)
-  loaded, loaded_counts = evaluator.load_comparison_data(tmp_path / 'evaluator_data')
-  assert loaded_counts == counts and loaded['validation'].to_list() == data['validation'].to_list()
-  # One question: floor(0.9 * 1) = 0 train questions, and the empty split keeps its columns.
-  one, one_counts = evaluator.comparison_dataset(['q'], ['gt'], [['s']], [[False]])
-  assert len(one['train']) == 0 and one_counts['train']['pairs'] == 0
-  assert one['train'].column_names == data['train'].column_names and len(one['validation']) == 2
-  with pytest.raises(ValueError, match='checkpoint 1 has'):
-    evaluator.comparison_dataset(questions, refs, [samples[0], samples[1][:3]], correct[:2])
-
-
 def test_with_score_head_keeps_the_trunk(base):
   model = evaluator.with_score_head(base)
   assert model.cfg.num_labels == 2 and model.lm_head is None
@@ -304,7 +262,7 @@ def test_oracle_scorer_grades_the_proposal():
 
 @pytest.mark.slow
 def test_build_comparison_data_end_to_end(mesh, tmp_path):
-  """Supervisor fit with 2 snapshots, one sample per question from each, pairs, saved dataset."""
+  """A fit with 2 snapshots, one sample per question from each, pairs, saved dataset."""
   lm_cfg = CFG.replace(max_position_embeddings=256)
   task = tasks.get_task('arith')
   examples = [
@@ -314,22 +272,22 @@ def test_build_comparison_data_end_to_end(mesh, tmp_path):
     for i in range(10)
   ]
   config = tiny_train(epochs=2, lr=1e-3)
-  kwargs = dict(
-    workdir=tmp_path,
-    config=config,
-    num_checkpoints=2,
-    seed=5,
+  sft = [tokens.sft_example(CHARS, ex.question, ex.answer) for ex in examples]
+  fit.fit(
+    random_model(lm_cfg, mesh),
+    sft,
+    loss='sft',
+    config=config.replace(checkpoint_fractions=(0.5, 1.0)),
+    workdir=tmp_path / 'supervisor',
     mesh=mesh,
-    batch_size=16,
     progress=False,
   )
-  data, counts = evaluator.build_comparison_data(
-    lambda: random_model(lm_cfg, mesh), CHARS, task, examples, **kwargs
+  snapshots = fit.fit_checkpoints(tmp_path / 'supervisor')
+  assert [s for s, _ in snapshots] == [3, 6]
+  kwargs = dict(out_dir=tmp_path, seed=5, mesh=mesh, batch_size=16, progress=False)
+  data, counts = evaluator_data.build_comparison_data(
+    lambda: random_model(lm_cfg, mesh), snapshots, CHARS, task, examples, **kwargs
   )
-  assert sorted(p.name for p in (tmp_path / 'supervisor' / 'snapshots').iterdir()) == [
-    'step_3',
-    'step_6',
-  ]
   assert counts['checkpoints']['steps'] == [3, 6]
   assert counts['train']['questions'] == 9 and counts['validation']['questions'] == 1
   for split in ('train', 'validation'):
@@ -338,7 +296,12 @@ def test_build_comparison_data_end_to_end(mesh, tmp_path):
   samples = [tmp_path / 'samples' / f'samples_{i}.json' for i in range(2)]
   assert all(p.exists() for p in samples)
   # A rerun reads what the first run wrote.
-  again, again_counts = evaluator.build_comparison_data(
-    lambda: pytest.fail('a finished build must not load a model'), CHARS, task, examples, **kwargs
+  again, again_counts = evaluator_data.build_comparison_data(
+    lambda: pytest.fail('a finished build must not load a model'),
+    snapshots,
+    CHARS,
+    task,
+    examples,
+    **kwargs,
   )
   assert again_counts == counts and again['train'].to_list() == data['train'].to_list()

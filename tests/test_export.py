@@ -15,7 +15,7 @@ import transformers
 from flax import nnx
 from test_paper_configs import _tokenizer
 
-from ilr_jax import convert, export, fit, lora, workdir
+from ilr_jax import convert, export, fit, labels, lora
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _forward = nnx.jit(lambda model, tokens: model(tokens))
@@ -55,7 +55,7 @@ def _fake_run(tmp_path):
     var = getattr(model.layers, name).lora_b
     var[...] = rng.normal(0, 0.05, var.shape).astype(np.float32)
   fit.save_params(model, wd / 'ilr' / 'r1' / 'model' / 'fit' / 'final')
-  workdir.save_label_set(
+  labels.save_label_set(
     wd / 'ilr' / 'r1' / 'labels' / 'labels',
     dict(
       id=['a', 'b'],

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from absl import flags
 from test_fit import _cfg, gsm8k_examples
+from test_labels import _labels
 from test_train import _mesh, fast_model
-from test_workdir import _labels
 
 import ilr_jax
-from ilr_jax import fit, pipeline, report, schema
+from ilr_jax import context, fit, pipeline, report, schema
+from ilr_jax import labels as labels_lib
 from ilr_jax import workdir as wdlib
 from ilr_jax.train import TrainConfig
 
@@ -238,11 +239,11 @@ def test_preflight_checks_databases_and_judges_before_any_stage(tmp_path):
 
   s = saferpaca.get_config('ilr')
   with pytest.raises(schema.ConfigError, match=r'--config\.task\.judge\.backend'):
-    preflight._graders(s, pipeline.make_task({'name': 'saferpaca'}), [])
+    preflight._graders(s, context.make_task({'name': 'saferpaca'}), [])
   s.task.judge.backend = 'local'
   s.task.judge.model_dir = os.fspath(tmp_path / 'no_judge')
   with pytest.raises(schema.ConfigError, match='no_judge does not exist'):
-    preflight._graders(s, pipeline.make_task({'name': 'saferpaca'}), [])
+    preflight._graders(s, context.make_task({'name': 'saferpaca'}), [])
 
 
 def test_resource_keys_are_not_fingerprinted_and_a_started_stage_is_not_called_computed(tmp_path):
@@ -282,7 +283,7 @@ def test_a_corrupted_record_or_label_set_is_one_line_naming_the_path(tmp_path, c
   for st in STAGES:
     wd.run(st.name, lambda: {'x': 1})
   rec = tmp_path / 'stages' / 'b.json'
-  wdlib.save_label_set(tmp_path / 'b' / 'labels', _labels())
+  labels_lib.save_label_set(tmp_path / 'b' / 'labels', _labels())
   if corruption == 'truncated':
     rec.write_text(rec.read_text()[:20])
   elif corruption == 'no_config':
@@ -303,7 +304,7 @@ def test_a_corrupted_record_or_label_set_is_one_line_naming_the_path(tmp_path, c
   else:
     wdlib.shutil.rmtree(target)
   with pytest.raises(wdlib.ArtifactError) as e:
-    wdlib.load_label_set(target)
+    labels_lib.load_label_set(target)
   assert str(target) in str(e.value) and 'label set' in str(e.value)
   assert wd.stage_of(e.value.path) == 'b'
 
@@ -374,10 +375,6 @@ BAD_INPUTS = {
   'kill_at_typo': ([f'--config={ARITH}', '--config.debug.kill_at=supervsor'], "'supervsor'"),
   'train_limit_0': ([f'--config={ARITH}', '--config.task.train_limit=0'], 'train_limit'),
   'max_new_tokens_0': ([f'--config={ARITH}', '--config.task.max_new_tokens=0'], 'max_new_tokens'),
-  'dpo_num_samples': (
-    ['--config=configs/arith.py:dpo,tiny', '--config.dpo.num_samples=4'],
-    'dpo.num_samples=4',
-  ),
   'zero_row_split': ([f'--config={GSM8K}', 'DATA=zero'], 'split with 0 rows'),
   'empty_data_dir': ([f'--config={GSM8K}', 'DATA=empty'], 'not a datasets.save_to_disk'),
   'plain_dataset': ([f'--config={GSM8K}', 'DATA=plain'], 'not a DatasetDict'),

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 import ilr_jax
-from ilr_jax import fit, workdir
+from ilr_jax import fit, labels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE_ROOT = pathlib.Path(ilr_jax.__file__).resolve().parents[1]  # the ilr_jax under test
@@ -63,7 +63,7 @@ def _rows(wd):
 
 
 def _labels(wd):  # as text, so that NaN scores compare equal
-  d = workdir.load_label_set(wd / 'weak_labels' / 'labels')
+  d = labels.load_label_set(wd / 'weak_labels' / 'labels')
   return {k: [str(x) for x in v] for k, v in d.items()}
 
 

@@ -9,6 +9,7 @@ import pytest
 from test_train import _mesh, fast_model
 
 from ilr_jax import fit, tokens
+from ilr_jax.examples import DpoPair
 from ilr_jax.model import ModelConfig
 from ilr_jax.train import TrainConfig
 
@@ -168,7 +169,7 @@ def test_resume_after_kill_ends_with_the_same_params(tmp_path):
 def test_nan_loss_stops_with_step_range_and_keeps_checkpoint(tmp_path):
   model = fast_model(_cfg())
   ex = gsm8k_examples(16, seed=2)
-  pairs = [fit.Pair.from_examples(ex[i], ex[i + 8]) for i in range(8)]
+  pairs = [DpoPair.from_examples(ex[i], ex[i + 8]) for i in range(8)]
   pairs = fit.with_reference_logps(model, pairs, batch_size=8)
   assert all(np.isfinite(p.ref_chosen_logps) and p.ref_chosen_logps < 0 for p in pairs)
   cfg = TrainConfig(
@@ -231,7 +232,7 @@ def test_bad_examples_are_clear_errors(tmp_path):
     fit.fit(model, [short, long], loss='sft', config=cfg, workdir=tmp_path)
   with pytest.raises(ValueError, match='no reference log-probs'):
     ex = gsm8k_examples(2)
-    fit.fit(model, [fit.Pair.from_examples(*ex)], loss='dpo', config=cfg, workdir=tmp_path)
+    fit.fit(model, [DpoPair.from_examples(*ex)], loss='dpo', config=cfg, workdir=tmp_path)
 
 
 @pytest.mark.parametrize('lora_rank', [0, 4])
@@ -239,7 +240,7 @@ def test_dpo_resumes_from_its_final_checkpoint(tmp_path, lora_rank):
   # Killed after the last checkpoint but before DONE.json: the rerun restores the final state
   # (RMSprop, the DPO optimizer; full fine-tune as in arith, or an adapter) and finishes.
   sft = gsm8k_examples(8, seed=2)
-  pairs = [fit.Pair.from_examples(sft[i], sft[i + 1]) for i in range(0, 8, 2)]
+  pairs = [DpoPair.from_examples(sft[i], sft[i + 1]) for i in range(0, 8, 2)]
   base = fast_model(_cfg(), _mesh(1, 1, 1))
   pairs = fit.with_reference_logps(base, pairs, batch_size=4)
   cfg = TrainConfig(

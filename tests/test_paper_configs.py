@@ -29,7 +29,7 @@ import sys
 import numpy as np
 import pytest
 
-from ilr_jax import pipeline, workdir
+from ilr_jax import context, labels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_GSM8K = ROOT.parent / 'shared' / 'data' / 'gsm8k'
@@ -55,7 +55,7 @@ SIZES = (
   '--config.dpo.epochs=1',
   '--config.dpo.batch_size=4',
   '--config.evaluator_train.num_checkpoints=2',
-  '--config.evaluator_train.max_epochs=1',
+  '--config.evaluator_train.epochs=1',
   '--config.evaluator_train.batch_size=8',
   '--config.evaluator_train.max_len=512',
   '--config.sampling.batch_size=32',
@@ -314,14 +314,14 @@ def _rows(wd):
 
 def _check_label_sets(wd, regrade: bool):
   """METHOD.md's invariants on D0 and the round-1 label sets of ilr and naive."""
-  task = pipeline.make_task(json.loads((wd / 'config.json').read_text())['task'])
-  d0 = workdir.load_label_set(wd / 'weak_labels' / 'labels')
+  task = context.make_task(json.loads((wd / 'config.json').read_text())['task'])
+  d0 = labels.load_label_set(wd / 'weak_labels' / 'labels')
   n = len(d0['id'])
   assert n == 16 and set(d0['source']) == {'weak'} and set(d0['round']) == {0}
   assert all(x == x.strip() for x in d0['label'])  # generated texts are stored stripped
   by_id = {e.id: e for e in task.load('train')}
   for method in ('ilr', 'naive'):
-    d1 = workdir.load_label_set(wd / method / 'r1' / 'labels' / 'labels')
+    d1 = labels.load_label_set(wd / method / 'r1' / 'labels' / 'labels')
     assert d1['id'] == d0['id'], method
     rep, agree = np.asarray(d1['replaced']), np.asarray(d1['agreed'])
     rec = json.loads((wd / 'stages' / method / 'r1' / 'labels.json').read_text())['metrics']
@@ -358,7 +358,7 @@ def test_gsm8k_compare(assets):
   wd = _finished(assets, 'gsm8k')
   _check_results(wd, _run(assets, 'gsm8k')['stdout'])
   _check_label_sets(wd, regrade=True)
-  d0 = workdir.load_label_set(wd / 'weak_labels' / 'labels')
+  d0 = labels.load_label_set(wd / 'weak_labels' / 'labels')
   assert any(d0['valid'])  # the supervisor writes `####` answers, so the student trains
   pairs = json.loads((wd / 'dpo' / 'r1' / 'pairs' / 'pairs.json').read_text())
   assert all(len(s) == 6 for s in pairs['samples'])

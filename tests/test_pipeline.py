@@ -4,6 +4,11 @@ Two runs of the tiny setting go at once in subprocesses (2 fake devices each, so
 sharded): one uninterrupted, one SIGKILLed at several stages (config `debug.kill_at`) and rerun
 until it finishes. Their results and label sets must be equal; the uninterrupted run's artifacts
 are checked against the method's rules.
+
+A third run uses the code of a pinned reference commit (exported with `git archive`): a change of
+structure must not change a result. It is compared on this machine rather than with stored numbers,
+since a seed's numbers move between CPU models (XLA:CPU float rounding). Move REFERENCE_COMMIT only
+to a commit whose results are meant to be the new reference.
 """
 
 import concurrent.futures
@@ -11,34 +16,68 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
 
-from ilr_jax import pipeline, workdir
+from ilr_jax import context, labels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = 'configs/arith.py:compare,tiny,all'
 KILLS = ('weak_labels', 'halves/weak_labels/m2:outputs', 'ilr/r1/labels', 'dpo/r1/pairs:outputs')
 ALPHA = 0.15
+REFERENCE_COMMIT = '6f23c5c'
 
 # Two whole-pipeline runs in subprocesses, about 3 minutes on 2 idle cores. One xdist worker runs
 # every test of a file (setup.cfg: --dist loadfile), so the module fixture is built once.
 pytestmark = pytest.mark.e2e
 
 
-def _main(wd, *extra, timeout=900):
+# A bound for a hung run, not a speed check: a shared machine runs these 3-5x slower than idle.
+def _main(wd, *extra, timeout=1800, root=ROOT):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
     TOKENIZERS_PARALLELISM='false',
     XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    PYTHONPATH=str(root),
   )
   cmd = [sys.executable, '-m', 'ilr_jax.main', f'--config={CONFIG}', f'--workdir={wd}', *extra]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _export_reference(dest: pathlib.Path) -> str | None:
+  """The reference commit's files under `dest`; the reason to skip when it cannot be had."""
+  if shutil.which('git') is None or not (ROOT / '.git').exists():
+    return 'the checkout has no git history'
+  known = subprocess.run(
+    ['git', 'cat-file', '-e', f'{REFERENCE_COMMIT}^{{commit}}'], cwd=ROOT, capture_output=True
+  )
+  if known.returncode != 0:
+    return f'the checkout lacks the reference commit {REFERENCE_COMMIT}'
+  archive = dest.with_suffix('.tar')
+  with open(archive, 'wb') as f:
+    subprocess.run(['git', 'archive', REFERENCE_COMMIT], cwd=ROOT, stdout=f, check=True)
+  with tarfile.open(archive) as tar:
+    tar.extractall(dest, filter='data')
+  return None
+
+
+def _reference_run(base: pathlib.Path):
+  """(workdir of the reference code's run, None) or (None, why it was skipped)."""
+  code = base / 'reference_code'
+  why = _export_reference(code)
+  if why is not None:
+    return None, why
+  wd = base / 'reference'
+  r = _main(wd, root=code)
+  assert r.returncode == 0, f'the reference commit failed:\n{r.stderr[-5000:]}'
+  return wd, None
 
 
 def _killed_then_resumed(wd):
@@ -56,14 +95,22 @@ def _killed_then_resumed(wd):
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp('pipeline')
   full, resumed = base / 'full', base / 'resumed'
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
     f_full = pool.submit(_main, full)
     f_resumed = pool.submit(_killed_then_resumed, resumed)
+    f_reference = pool.submit(_reference_run, base)
     r_full = f_full.result()
     _, r_resumed = f_resumed.result()
+    reference, no_reference = f_reference.result()
   assert r_full.returncode == 0, r_full.stderr[-5000:]
   assert r_resumed.returncode == 0, r_resumed.stderr[-5000:]
-  return dict(full=full, resumed=resumed, stdout=r_full.stdout)
+  return dict(
+    full=full,
+    resumed=resumed,
+    stdout=r_full.stdout,
+    reference=reference,
+    no_reference=no_reference,
+  )
 
 
 def _rows(wd):
@@ -78,7 +125,7 @@ def _label_dirs(wd):
 
 
 def _task(wd):
-  return pipeline.make_task(json.loads((wd / 'config.json').read_text())['task'])
+  return context.make_task(json.loads((wd / 'config.json').read_text())['task'])
 
 
 @pytest.mark.slow
@@ -101,13 +148,13 @@ def test_results_and_report(runs):
 def test_label_sets_follow_the_rules(runs):
   wd = runs['full']
   task = _task(wd)
-  d0 = workdir.load_label_set(wd / 'weak_labels' / 'labels')
+  d0 = labels.load_label_set(wd / 'weak_labels' / 'labels')
   n = len(d0['id'])
   assert n > 0 and set(d0['source']) == {'weak'}
-  cor = workdir.load_label_set(wd / 'cor' / 'labels' / 'labels')
+  cor = labels.load_label_set(wd / 'cor' / 'labels' / 'labels')
   assert all(cor['correct']) and set(cor['id']) <= set(d0['id'])
   for method, prev in (('ilr', d0), ('naive', d0), ('orailr', d0), ('cororailr', cor)):
-    d1 = workdir.load_label_set(wd / method / 'r1' / 'labels' / 'labels')
+    d1 = labels.load_label_set(wd / method / 'r1' / 'labels' / 'labels')
     assert d1['id'] == prev['id'], method  # label count and order preserved
     rep = np.asarray(d1['replaced'])
     rec = json.loads((wd / 'stages' / method / 'r1' / 'labels.json').read_text())['metrics']
@@ -158,19 +205,31 @@ def test_dpo_pairs_come_from_the_current_policy(runs):
   assert rec['config']['dpo.keep_frac'] == 0.15
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_results(runs):
-  full, resumed = runs['full'], runs['resumed']
-  assert _rows(full) == _rows(resumed)
-  dirs = _label_dirs(full)
-  assert len(dirs) >= 6 and dirs == _label_dirs(resumed)
+def _assert_same_run(a_wd, b_wd):
+  """Equal results.jsonl rows (but wall times) and equal label sets, column by column."""
+  assert _rows(a_wd) == _rows(b_wd)
+  dirs = _label_dirs(a_wd)
+  assert len(dirs) >= 6 and dirs == _label_dirs(b_wd)
   for rel in dirs:
-    a, b = workdir.load_label_set(full / rel), workdir.load_label_set(resumed / rel)
+    a, b = labels.load_label_set(a_wd / rel), labels.load_label_set(b_wd / rel)
     assert a.keys() == b.keys()
     for k in a:
       assert [str(x) for x in a[k]] == [str(x) for x in b[k]], (rel, k)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_results(runs):
+  full, resumed = runs['full'], runs['resumed']
+  _assert_same_run(full, resumed)
   assert not list(resumed.rglob('*.tmp-*'))  # no temporary leftovers trusted or kept
   assert not list((resumed / 'stages').rglob('*.started.json'))
+
+
+@pytest.mark.slow
+def test_same_results_as_the_reference_commit(runs):
+  if runs['reference'] is None:
+    pytest.skip(f'no reference run: {runs["no_reference"]}')
+  _assert_same_run(runs['reference'], runs['full'])
 
 
 @pytest.mark.slow

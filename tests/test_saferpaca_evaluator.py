@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ilr_jax import comparisons, evaluator
+from ilr_jax import comparisons, evaluator_data
 from ilr_jax import saferpaca_evaluator as se
 
 
@@ -70,7 +70,7 @@ def test_pairs_become_the_evaluator_dataset():
     cats, refs, _samples('g', 2, cats), _samples('s', 2, cats), np.random.default_rng(0)
   )
   qs = [f'q{j}' for j in range(4)]
-  data, counts = evaluator.pairs_dataset(
+  data, counts = evaluator_data.pairs_dataset(
     qs, pairs, ids=[str(j) for j in range(4)], val_frac=0.25, kinds=se.PAIR_KINDS
   )
   total = sum(len(p) for p in pairs)

@@ -179,15 +179,24 @@ def test_decoding_tables():
   g = tasks.get_task('gsm8k', data_dir='x').decoding
   assert g['eval'] == tasks.Decoding('beam', 256, num_beams=4)
   assert g['label'] == g['proposal'] == g['eval']
-  assert g['dpo'] == tasks.Decoding('sample', 256, temperature=0.7, num_samples=6)
+  # DPO's samples per prompt are the config's dpo.num_samples, passed by the pipeline.
+  assert g['dpo'] == tasks.Decoding('sample', 256, temperature=0.7)
   assert g['evaluator_data'] == tasks.Decoding('sample', 256, temperature=0.6)
   s = tasks.get_task('saferpaca').decoding
   assert s['eval'] == tasks.Decoding('beam', 512, num_beams=4)
   assert s['label'] == s['proposal'] == tasks.Decoding('sample', 512, temperature=1.0)
-  assert s['dpo'] == tasks.Decoding('sample', 512, temperature=1.0, num_samples=6)
+  assert s['dpo'] == tasks.Decoding('sample', 512, temperature=1.0)
   assert tasks.get_task('bird').decoding['label'] == tasks.Decoding('beam', 256, num_beams=4)
   a = tasks.get_task('arith', max_new_tokens=40).decoding
   assert set(a) == set(tasks.USES) and all(d.max_new_tokens == 40 for d in a.values())
+
+
+def test_decoding_makes_its_sampler_method():
+  from ilr_jax import sampler
+
+  assert tasks.Decoding('beam', 8, num_beams=3).sampler_method() == sampler.BeamSearch(num_beams=3)
+  got = tasks.Decoding('sample', 8, temperature=0.6).sampler_method()
+  assert got == sampler.Sample(temperature=0.6)
 
 
 # --- arith ---

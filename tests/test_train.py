@@ -8,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from ilr_jax import convert, train
+from ilr_jax import convert, optimizers, train
 from ilr_jax import sharding as shd
 from ilr_jax.model import Decoder, ModelConfig
 
@@ -195,9 +195,9 @@ def test_accumulation_equals_large_batch():
 def test_schedule_matches_transformers():
   cfg = train.TrainConfig(lr=2e-4, warmup_ratio=0.05, schedule='cosine')
   total = 97
-  sched = train.make_schedule(cfg, total)
+  sched = optimizers.make_schedule(cfg, total)
   opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
-  hf = transformers.get_cosine_schedule_with_warmup(opt, train.warmup_steps(cfg, total), total)
+  hf = transformers.get_cosine_schedule_with_warmup(opt, optimizers.warmup_steps(cfg, total), total)
   want = []
   for _ in range(total):
     want.append(opt.param_groups[0]['lr'])
@@ -218,7 +218,7 @@ def test_optimizer_matches_torch(name):
     clip_norm=None,
     weight_decay=0.1,
   )
-  tx = train.make_optimizer(cfg, 10)
+  tx = optimizers.make_optimizer(cfg, 10)
   rng = np.random.default_rng(0)
   w0 = rng.normal(size=(4, 3)).astype(np.float32)
   grads = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(3)]
@@ -264,7 +264,7 @@ def test_run_length_does_not_change_the_compiled_step():
     for _ in range(3):
       state, metrics = trainer.train_step(state, b)
     lrs.append(float(metrics['lr']))
-    want = float(train.make_schedule(cfg, total)(2))
+    want = float(optimizers.make_schedule(cfg, total)(2))
     assert lrs[-1] == pytest.approx(want, rel=1e-6)
   assert texts[0] == texts[1]
   assert lrs[0] != pytest.approx(lrs[1])
