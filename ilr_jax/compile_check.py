@@ -149,15 +149,12 @@ def _train_steps(config, mesh, name, role, loss, tcfg, num_labels=None, lora=Non
   import jax
   import jax.numpy as jnp
 
-  from ilr_jax import fit, train
+  from ilr_jax import examples, train
   from ilr_jax import lora as lora_lib
   from ilr_jax import sharding as shd
-  from ilr_jax.pipeline import _train_config
+  from ilr_jax.context import train_config
 
-  cfg = _train_config(tcfg, 0)
-  micro = tcfg.get('micro_batch')
-  if micro:
-    cfg = cfg.replace(micro_batch=micro)
+  cfg = train_config(tcfg, 0, config.fit)
   rank, alpha = lora if lora is not None else (cfg.lora_rank, cfg.lora_alpha)
   cfg = cfg.replace(lora_rank=rank, lora_alpha=alpha)
   overrides = dict(num_labels=num_labels) if num_labels else {}
@@ -182,12 +179,12 @@ def _train_steps(config, mesh, name, role, loss, tcfg, num_labels=None, lora=Non
       f'{shards} batch shards of mesh {dict(mesh.shape)}'
     )
   batch = {}
-  for key, ndim in train.BATCH_KEYS[loss].items():
+  for key, ndim in examples.FORMATS[loss].items():
     shape = (b, t) if ndim == 2 else (b,)
     if cfg.accum_steps > 1:
       shape = (cfg.accum_steps, b // cfg.accum_steps) + shape[1:]
     batch[key] = jax.ShapeDtypeStruct(shape, jnp.float32 if key.startswith('ref_') else jnp.int32)
-  bound = None if loss == 'classifier' else fit.target_bound(config.task.max_new_tokens, t)
+  bound = None if loss == 'classifier' else examples.target_bound(config.task.max_new_tokens, t)
   dyn = (jax.ShapeDtypeStruct((), jnp.int32), _plain(params), _plain(opt))
   frozen = _plain(frozen)
   what = f'{b} x {t}' + (f' in {cfg.accum_steps} micro-batches' if cfg.accum_steps > 1 else '')
@@ -207,7 +204,7 @@ def _train_steps(config, mesh, name, role, loss, tcfg, num_labels=None, lora=Non
     sb = config.sampling.score_batch_size * 2
     sbatch = {
       k: jax.ShapeDtypeStruct((sb, t) if nd == 2 else (sb,), jnp.int32)
-      for k, nd in train.BATCH_KEYS[loss].items()
+      for k, nd in examples.FORMATS[loss].items()
     }
     state = train.TrainState(dyn[0], dyn[1], frozen, dyn[2])
     out.append(
@@ -244,6 +241,8 @@ def _decode_steps(config, mesh, role: str, uses: Sequence[str], task) -> list[St
   out, seen = [], set()
   for use in uses:
     d = task.decoding[use]
+    if use == 'dpo':  # the pipeline samples dpo.num_samples answers per DPO prompt
+      d = dataclasses.replace(d, num_samples=config.dpo.num_samples)
     if d.method == 'beam':
       method, n, rows = sampler.BeamSearch(num_beams=d.num_beams), 1, d.num_beams
       raw = sampler._beam_prefill
@@ -274,13 +273,12 @@ def _decode_steps(config, mesh, role: str, uses: Sequence[str], task) -> list[St
 
 def steps(config, mesh) -> list[Step]:
   """Every jitted program the config's methods run, at their worst case shapes."""
-  from ilr_jax import schema
-  from ilr_jax.pipeline import make_task
+  from ilr_jax import methods as methods_lib
+  from ilr_jax.context import make_task
 
   task = make_task(config.task.to_dict())
-  methods = set(config.methods)
-  evaluator = bool(methods & set(schema.EVALUATOR_METHODS))
-  dpo = bool(methods & set(schema.DPO_METHODS))
+  evaluator = methods_lib.uses_evaluator(config.methods)
+  dpo = any(methods_lib.get(m).family == methods_lib.DPO for m in config.methods)
   out = _train_steps(config, mesh, 'supervisor SFT', 'supervisor', 'sft', config.supervisor_sft)
   out += _train_steps(config, mesh, 'student SFT', 'student', 'sft', config.sft)
   if dpo:
@@ -327,14 +325,13 @@ def tpu_devices(target: Target):
 
 
 def mesh_sizes(config, n: int) -> tuple[int, int, int]:
-  from ilr_jax import schema
+  """The (data, fsdp, tensor) sizes of the config's mesh over n devices; a mesh that cannot be
+  made or does not split the batches is the pipeline's own one-line ConfigError."""
+  from ilr_jax import schema, sharding
 
-  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-  schema._mesh_batch_divisor(config, n)  # the pipeline's own check: a one-line error
-  if -1 in sizes:
-    known = math.prod(s for s in sizes if s != -1)
-    sizes[sizes.index(-1)] = n // known
-  return tuple(sizes)
+  schema._check_mesh(config, n)
+  m = config.mesh
+  return sharding.mesh_shape(m.data, m.fsdp, m.tensor, n)
 
 
 def target_mesh(config, target: Target, estimate_only: bool = False):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-FAMILIES = ('sft', 'ilr', 'dpo')
+FAMILIES = (SFT, ILR, DPO) = ('sft', 'ilr', 'dpo')
 FEEDBACK = ('evaluator', 'oracle', 'random')
 D0 = ('weak', 'correct')
 
