@@ -71,10 +71,10 @@ class Run:
   """What the stages share: the config, the workdir, the task's data, tokenizers and the mesh."""
 
   def __init__(self, config, wd):
-    from ilr_jax import sharding, tasks
+    from ilr_jax import sharding, tasks, timing
 
     self.config, self.wd = config, wd
-    self.task = make_task(config.task.to_dict())
+    self.task = timing.wrap_task(make_task(config.task.to_dict()), config)
     self.train = self.task.load('train', config.task.train_limit)
     self.test = self.task.load('test', config.task.test_limit)
     idx_a, idx_b = tasks.split_halves(len(self.train), config.seed)
@@ -167,7 +167,7 @@ class Run:
   def generate(self, model, role: str, questions, use: str, stage: str, num_samples=None):
     """Answers per question (a list of num_samples texts each) with the task's decoding for
     `use`; `num_samples` overrides the decoding's."""
-    from ilr_jax import generate
+    from ilr_jax import generate, timing
 
     d = self.task.decoding[use]
     result = generate.generate_answers(
@@ -182,6 +182,7 @@ class Run:
       mesh=self.mesh,
       desc=f'{stage} ({use})',
       scores=False,  # only the texts are used
+      **timing.decode_options(self.config),
     )
     return result.texts
 

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ilr_jax import attention as attention_lib
+
 Array = jax.Array
 
 ARCHS = ('gemma', 'mistral', 'llama')
@@ -80,6 +82,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   dtype: str = 'float32'  # compute dtype; logits and softmax are always float32
   remat: str = 'none'  # 'none', 'full' (recompute each layer), 'dots' (save matmul outputs)
+  attention: str = 'auto'  # training / scoring attention: 'auto', 'xla', 'cudnn', 'einsum'
   scan_layers: bool = True
   lora_rank: int = 0
   lora_alpha: float = 0.0
@@ -94,6 +97,10 @@ class ModelConfig:
       )
     if self.activation not in ('silu', 'gelu_tanh'):
       raise ValueError(f'unsupported activation {self.activation!r}')
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(
+        f'attention must be one of {attention_lib.IMPLEMENTATIONS}, got {self.attention!r}'
+      )
     if self.remat not in ('none', 'full', 'dots'):
       raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
     for name in ('param_dtype', 'dtype'):
@@ -261,17 +268,8 @@ def attention_mask(
   return mask
 
 
-def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Array:
-  """Grouped-query attention (K kv heads shared by G = N // K query heads), float32 softmax."""
-  b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  logits = logits * (h**-0.5)
-  logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v_BSKH)
-  return out.reshape(b, t, n, h)
+# The reference einsum attention; the decode paths (cache, prefill) always use it.
+attend = attention_lib.attend_einsum
 
 
 def attend_kv_first(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array) -> Array:
@@ -317,6 +315,7 @@ class Block(nnx.Module):
     self.down = lin((f,), (d,), ('mlp', 'embed'), lora='down' in lora)
     self.activation = cfg.activation
     self.sliding_window = cfg.sliding_window
+    self.attention = cfg.attention
 
   def __call__(
     self,
@@ -328,6 +327,7 @@ class Block(nnx.Module):
     cache_index=None,
     last_only=False,
     empty_cache=False,
+    at_BP=None,
   ):
     """One layer; returns (x, new kv or None).
 
@@ -342,6 +342,11 @@ class Block(nnx.Module):
     With `empty_cache` (the cache holds nothing before `cache_index` = 0) attention runs over the
     T new keys and values themselves rather than the whole cache: only they can be valid, so that
     is half of a prefill's attention when M new tokens follow a prompt of T.
+
+    With `at_BP` (no cache; int [B, P]) keys and values cover every position but the rest of the
+    layer runs at positions at_BP[b] of each row only: x comes back [B, P, D] (a score read at
+    one token, a loss at its target positions). Attention without a cache goes through the
+    `attention` switch (attention.py).
     """
     y = self.attn_norm(x_BTD)
     q = apply_rope(self.q(y), q_pos_BT, inv_freq)
@@ -362,7 +367,11 @@ class Block(nnx.Module):
       else:
         attn = attend_kv_first(q, k_c.astype(q.dtype), v_c.astype(q.dtype), mask_BTS)
     else:
-      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS)
+      if at_BP is not None:
+        idx = lambda a: at_BP.reshape(at_BP.shape + (1,) * (a.ndim - 2))
+        pick = lambda a: jnp.take_along_axis(a, idx(a), axis=1)
+        q, x_BTD, mask_BTS = pick(q), pick(x_BTD), pick(mask_BTS)
+      attn = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, self.attention)
     x_BTD = x_BTD + self.o(attn)
     y = self.mlp_norm(x_BTD)
     gate = self.gate(y)
@@ -432,20 +441,33 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), dtype)
     return x
 
-  def _run_layers(self, x, q_pos_BT, mask_BTS):
+  def _run_layers(self, x, q_pos_BT, mask_BTS, at_BP=None):
+    """The L layers and the final norm. With `at_BP` the last layer runs at positions at_BP[b]
+    of each row only (Block), and the result is [B, P, D]."""
     cfg = self.cfg
     inv_freq = rope_frequencies(cfg)
     graphdef, stacked = nnx.split(self.layers)
 
-    def layer(x, layer_state):
+    def layer(x, layer_state, at_BP=None):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, q_pos_BT, mask_BTS, inv_freq)[0]
+      return block(x, q_pos_BT, mask_BTS, inv_freq, at_BP=at_BP)[0]
 
     if cfg.remat != 'none':
       policy = None
       if cfg.remat == 'dots':
         policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+
+    if at_BP is not None:
+      # The first L - 1 layers as usual, then the last one at the read positions only.
+      first = jax.tree.map(lambda p: p[:-1], stacked)
+      last = jax.tree.map(lambda p: p[-1], stacked)
+      if cfg.num_layers > 1 and cfg.scan_layers:
+        x, _ = jax.lax.scan(lambda x, s: (layer(x, s), None), x, first)
+      else:
+        for i in range(cfg.num_layers - 1):
+          x = layer(x, jax.tree.map(lambda p, i=i: p[i], first))
+      return self.final_norm(layer(x, last, at_BP))
 
     if cfg.scan_layers:
       x, _ = jax.lax.scan(lambda x, layer_state: (layer(x, layer_state), None), x, stacked)
@@ -457,9 +479,17 @@ class Decoder(nnx.Module):
   # -- public API -------------------------------------------------------------------------------
 
   def hidden(
-    self, tokens_BT: Array, mask_BT: Array | None = None, positions_BT: Array | None = None
+    self,
+    tokens_BT: Array,
+    mask_BT: Array | None = None,
+    positions_BT: Array | None = None,
+    at_BP: Array | None = None,
   ) -> Array:
-    """Final-norm hidden states [B, T, D] of a padded batch (no cache)."""
+    """Final-norm hidden states [B, T, D] of a padded batch (no cache).
+
+    With `at_BP` (int [B, P]) only positions at_BP[b] of each row, [B, P, D]: the last layer then
+    runs its attention and MLP at those positions only (a score's read, a loss's targets; equal
+    to slicing the full result, to float rounding)."""
     b, t = tokens_BT.shape
     if mask_BT is None:
       mask_BT = jnp.ones((b, t), jnp.int32)
@@ -469,7 +499,7 @@ class Decoder(nnx.Module):
     mask_BTS = attention_mask(
       slots, slots, positions_BT, positions_BT, mask_BT.astype(bool), self.cfg.sliding_window
     )
-    return self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS)
+    return self._run_layers(self._embed(tokens_BT), positions_BT, mask_BTS, at_BP)
 
   def logits(self, h: Array, tied_head_DV: Array | None = None) -> Array:
     """LM logits (float32) for hidden states of any leading shape [..., D] -> [..., V].
@@ -502,9 +532,7 @@ class Decoder(nnx.Module):
       raise ValueError('this model has an LM head, not a score head (set num_labels)')
     if mask_BT is None:
       mask_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-    h_BTD = self.hidden(tokens_BT, mask_BT)
-    last = last_token_index(mask_BT)
-    h_BD = jnp.take_along_axis(h_BTD, last[:, None, None], axis=1)[:, 0]
+    h_BD = self.hidden(tokens_BT, mask_BT, at_BP=last_token_index(mask_BT)[:, None])[:, 0]
     return self.score_head(h_BD).astype(jnp.float32)
 
   def layer_states(self) -> list[Any]:

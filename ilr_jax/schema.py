@@ -224,6 +224,7 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
 
   c.debug = ml_collections.ConfigDict()
   c.debug.kill_at = ''  # test hook: SIGKILL after stage 'NAME' (or 'NAME:outputs'), see workdir
+  c.debug.timing = False  # every label valid, decode to the length limit (timing.py); no accuracy
   return c
 
 
@@ -345,3 +346,4 @@ def validate(config, num_devices: int | None = None) -> None:
     num_devices = jax.device_count()
   _check_mesh(config, num_devices)
   _need(isinstance(config.debug.kill_at, str), '--config.debug.kill_at must be a string')
+  _need(isinstance(config.debug.timing, bool), '--config.debug.timing must be True or False')

@@ -21,8 +21,9 @@ accumulated micro-batches give exactly the gradient of one batch of A x M:
 Logits are computed only where a loss is taken: with `max_targets` set, the hidden states of the
 (at most max_targets) target positions of each row are gathered before the vocabulary projection,
 so prompt positions never pay for it. Rows with more targets than max_targets would lose the rest;
-callers pass a bound (fit.py derives it from the batch). With `logits_chunk` the projection runs
-over chunks of positions, rematerialised in the backward pass, to bound the [B, P, V] memory.
+callers pass a bound (fit.py derives it from the batch). The projection runs over chunks of
+positions sized from a fixed logits budget (or `logits_chunk`), rematerialised in the backward
+pass, so no [B, T, V] float32 buffer exists (logprobs.py).
 
 The state is a pytree of the trainable parameters (the adapter under LoRA, else all), the frozen
 ones (the base under LoRA; they are not in optimizer state), the optax state and the step. A train
@@ -46,9 +47,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ilr_jax import logprobs
 from ilr_jax import lora as lora_lib
 from ilr_jax import sharding as shd
-from ilr_jax.examples import FORMATS, LOSSES
+from ilr_jax.examples import FORMATS, LOSSES, target_bound
 from ilr_jax.model import LORA_TARGETS, Decoder
 from ilr_jax.optimizers import OPTIMIZERS, SCHEDULES, current_lr, make_optimizer, make_schedule
 
@@ -178,27 +180,6 @@ class LossTerms(NamedTuple):
   sums: dict[str, Array]  # per-item metric sums, reported divided by `items`
 
 
-def _picked_logps(model: Decoder, h_BPD: Array, targets_BP: Array) -> Array:
-  logits_BPV = model.logits(h_BPD)
-  lse_BP = jax.nn.logsumexp(logits_BPV, axis=-1)
-  picked_BP = jnp.take_along_axis(logits_BPV, targets_BP[..., None], axis=-1)[..., 0]
-  return picked_BP - lse_BP
-
-
-def _chunked_logps(model: Decoder, h_BPD: Array, targets_BP: Array, chunk: int | None) -> Array:
-  b, p, d = h_BPD.shape
-  if chunk is None or p <= chunk:
-    return _picked_logps(model, h_BPD, targets_BP)
-  n = -(-p // chunk)
-  pad = n * chunk - p
-  h = jnp.pad(h_BPD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).transpose(1, 0, 2, 3)
-  t = jnp.pad(targets_BP, ((0, 0), (0, pad))).reshape(b, n, chunk).transpose(1, 0, 2)
-  # Recomputed in the backward pass: only one chunk of [B, chunk, V] logits is alive at a time.
-  one = jax.checkpoint(lambda hc, tc: _picked_logps(model, hc, tc))
-  _, out = jax.lax.scan(lambda _, xs: (None, one(*xs)), None, (h, t))
-  return out.transpose(1, 0, 2).reshape(b, n * chunk)[:, :p]
-
-
 def token_logps(
   model: Decoder,
   tokens_BT: Array,
@@ -208,23 +189,11 @@ def token_logps(
   max_targets: int | None = None,
   logits_chunk: int | None = None,
 ) -> tuple[Array, Array]:
-  """Log-probs of the target tokens and their weights, ([B, P], [B, P]) float32.
-
-  P is T - 1 (every next-token prediction) or, with `max_targets` < T - 1, the first
-  `max_targets` target positions of each row, gathered before the vocabulary projection.
-  Log-probs are zero where the weight is zero.
-  """
-  h_BTD = model.hidden(tokens_BT, mask_BT)[:, :-1]
-  targets_BT = tokens_BT[:, 1:]
-  w_BT = (loss_mask_BT[:, 1:] * mask_BT[:, 1:]).astype(jnp.float32)
-  if max_targets is not None and max_targets < targets_BT.shape[1]:
-    # Stable sort puts each row's target positions first, in order.
-    idx_BP = jnp.argsort(w_BT == 0, axis=1, stable=True)[:, :max_targets]
-    h_BTD = jnp.take_along_axis(h_BTD, idx_BP[..., None], axis=1)
-    targets_BT = jnp.take_along_axis(targets_BT, idx_BP, axis=1)
-    w_BT = jnp.take_along_axis(w_BT, idx_BP, axis=1)
-  logps = _chunked_logps(model, h_BTD, targets_BT, logits_chunk)
-  return jnp.where(w_BT > 0, logps, 0.0), w_BT
+  """Log-probs of the target tokens and their weights, ([B, P], [B, P]) float32; see
+  `logprobs.target_logps` (targets gathered, the LM head in chunks of positions)."""
+  return logprobs.target_logps(
+    model, tokens_BT, mask_BT, loss_mask_BT, max_targets=max_targets, chunk=logits_chunk
+  )
 
 
 def sft_loss(model: Decoder, batch, cfg: TrainConfig, max_targets: int | None = None) -> LossTerms:
@@ -338,7 +307,13 @@ def sequence_logps(
   max_targets: int | None = None,
   logits_chunk: int | None = None,
 ) -> Array:
-  """Sum of each row's target-token log-probs [B] float32 (jitted; DPO reference log-probs)."""
+  """Sum of each row's target-token log-probs [B] float32 (jitted; DPO reference log-probs).
+
+  Without `max_targets` the bound comes from the batch (`examples.target_bound`)."""
+  if max_targets is None:
+    w = jnp.asarray(loss_mask_BT)[:, 1:] * jnp.asarray(mask_BT)[:, 1:]
+    longest = int(jax.device_get(w.sum(-1).max()))
+    max_targets = target_bound(longest, tokens_BT.shape[1])
   graphdef, state = nnx.split(model)
   return _sequence_logps(
     graphdef, state, tokens_BT, mask_BT, loss_mask_BT, max_targets, logits_chunk

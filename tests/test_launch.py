@@ -1,71 +1,105 @@
-"""launch/ scripts in dry-run mode: they print exactly what they would run, and run nothing."""
+"""CPU dry run of the prepared accelerator benchmark script on bench-tiny shapes."""
 
+import json
 import os
 import pathlib
-import shlex
 import subprocess
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _dry(script, *args, **env):
-  # PATH without gcloud or a venv: a command that really ran would fail the script (set -e).
-  full = dict(PATH='/usr/bin:/bin', DRY_RUN='1', HOME=os.environ.get('HOME', '/tmp'), **env)
-  return subprocess.run(
-    ['bash', str(ROOT / 'launch' / script), *args],
-    env=full,
+@pytest.mark.slow
+def test_bench_accelerator_dry_run_writes_every_record(tmp_path):
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    PATH=f'{pathlib.Path(sys.executable).parent}:{os.environ["PATH"]}',
+    GEMMA='bench-tiny',
+    MISTRAL='bench-tiny',
+    DTYPE='float32',
+    SFT_BATCH='2',
+    DPO_BATCH='2',
+    SEQ_LEN='16',
+    DECODE_LEN='8',
+    ROWS='4',
+    MIN_REPS='1',
+    LIMIT_S='300',
+  )
+  r = subprocess.run(
+    ['bash', str(ROOT / 'launch' / 'bench_accelerator.sh'), str(tmp_path)],
+    env=env,
     capture_output=True,
     text=True,
-    timeout=60,
-    check=True,
-  ).stdout
-
-
-def _argv(line: str) -> list[str]:
-  """The argument vector bash makes of a printed command line (it prints $'...' quoting)."""
-  out = subprocess.run(
-    ['bash', '-c', f'printf "%s\\0" {line}'], capture_output=True, text=True, check=True
-  ).stdout
-  return out.split('\0')[:-1]
-
-
-def test_tpu_vm_dry_run_prints_every_workers_command():
-  out = _dry(
-    'tpu_vm.sh', '--config=configs/gsm8k.py:ilr', '--workdir=/mnt/runs/a b', TPU_NAME='v4', ZONE='z'
+    timeout=900,
   )
-  lines = out.splitlines()
-  scp = _argv(lines[0])
-  assert scp[:4] == ['gcloud', 'compute', 'tpus', 'tpu-vm'] and scp[4] == 'scp'
-  assert '--worker=all' in scp and scp[-1] == 'v4:~/ilr_jax_repo'
-  assert '# every worker of v4 runs:' in lines
-  ssh = _argv(lines[-1])
-  assert ssh[4] == 'ssh' and '--worker=all' in ssh
-  script = next(a for a in ssh if a.startswith('--command='))
-  main = [ln.strip() for ln in script.splitlines() if 'ilr_jax.main' in ln]
-  assert len(main) == 1
-  assert shlex.split(main[0]) == [
-    'python',
-    '-m',
-    'ilr_jax.main',
-    '--distributed',
-    '--config=configs/gsm8k.py:ilr',
-    '--workdir=/mnt/runs/a b',
-  ]
-  assert "pip install -q -e '.[tpu]'" in script
+  assert r.returncode == 0, r.stderr[-3000:]
+  recs = [json.loads(x) for x in (tmp_path / 'all.jsonl').read_text().splitlines()]
+  names = {(x['name'], x['arch']) for x in recs}
+  for want in [
+    ('sft_step', 'gemma'),
+    ('sft_step_lora', 'mistral'),
+    ('dpo_step_lora', 'mistral'),
+    ('generate_greedy', 'mistral'),
+    ('generate_beam4', 'mistral'),
+    ('classify_batched', 'gemma'),
+  ]:
+    assert want in names, (want, sorted(names))
+  assert all(x['median_s'] > 0 for x in recs)
 
 
-def test_gpu_host_dry_run_prints_the_setup_and_the_command():
-  venv = (ROOT / '.venv').exists()
-  out = _dry('gpu_host.sh', '--config=configs/bird.py:ilr', '--workdir=/data/x', '--distributed')
-  lines = out.splitlines()
-  assert _argv(lines[-1]) == [
-    '.venv/bin/python',
-    '-m',
-    'ilr_jax.main',
-    '--config=configs/bird.py:ilr',
-    '--workdir=/data/x',
-    '--distributed',
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_round_accelerator_dry_run_prints_stage_times(tmp_path, shared_data):
+  """One ILR round of configs/gsm8k.py on tiny random checkpoints it writes, under the timing
+  switch: every stage finishes and the report extrapolates the full run."""
+  small = [
+    '--config.supervisor_sft.batch_size=4',
+    '--config.sft.batch_size=4',
+    '--config.evaluator_train.batch_size=4',
+    '--config.evaluator_train.num_checkpoints=1',
+    '--config.evaluator_train.epochs=1',
+    '--config.sampling.batch_size=8',
+    '--config.sampling.score_batch_size=8',
+    '--config.supervisor_sft.epochs=1',
+    '--config.sft.epochs=1',
+    f'--config.compile_cache_dir={tmp_path / "cache"}',
   ]
-  assert 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.92' in lines
-  assert _argv(lines[2]) == ['.venv/bin/pip', 'install', '-q', '-e', '.[cuda]']
-  assert (ROOT / '.venv').exists() == venv  # the dry run created nothing
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    PATH=f'{pathlib.Path(sys.executable).parent}:{os.environ["PATH"]}',
+    DATA_DIR=str(shared_data / 'gsm8k'),
+    SUPERVISOR='tiny',
+    STUDENT='tiny',
+    DTYPE='float32',
+    TRAIN_ROWS='8',
+    TEST_ROWS='2',
+    MAX_NEW='2',
+    LIMIT_S='1500',
+    EXTRA=' '.join(small),
+  )
+  r = subprocess.run(
+    ['bash', str(ROOT / 'launch' / 'round_accelerator.sh'), str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1600,
+  )
+  assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+  recs = [json.loads(x) for x in (tmp_path / 'times.jsonl').read_text().splitlines()]
+  stages = {x['stage'] for x in recs if 'stage' in x}
+  assert {
+    'supervisor',
+    'weak_labels',
+    'evaluator',
+    'sft',
+    'ilr/r1/labels',
+    'ilr/r1/model',
+  } <= stages
+  full = recs[-1]['extrapolated_full_6_round_run']
+  assert full['total_s'] > full['base_s'] > 0
