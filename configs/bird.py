@@ -41,6 +41,16 @@ def get_config(arg: str = 'ilr'):
   config.sft.max_len = 2048
   config.supervisor_sft.max_len = 2048
   config.evaluator_train.max_len = 4096
+  # What fits (docs/SCALE.md, checked by `python -m ilr_jax.compile_check`): bfloat16 compute,
+  # every layer rematerialised, micro-batches of 4. Decoding keeps the weights whole over fsdp
+  # (sharding.DECODE_RULES), so the 70B student decodes only with tensor parallelism: 8-way on an
+  # 8-GPU host (the default here). It does not fit a v5e-64 slice's decoding yet (docs/SCALE.md).
+  for role in ('supervisor', 'evaluator'):
+    config[role].dtype = 'bfloat16'
+    config[role].remat = 'full'
   config.mesh.data = 1
   config.mesh.fsdp = -1
+  config.mesh.tensor = 8
+  for train in (config.supervisor_sft, config.sft, config.dpo, config.evaluator_train):
+    train.micro_batch = 4
   return config

@@ -49,6 +49,7 @@ def train_config(tcfg, seed: int, bookkeeping, **extra):
     global_batch=tcfg.batch_size,
     max_len=tcfg.max_len,
     pad_multiple=tcfg.pad_multiple,
+    micro_batch=tcfg.micro_batch,
     seed=seed,
     checkpoint_every=bookkeeping.checkpoint_every,
     log_every=bookkeeping.log_every,

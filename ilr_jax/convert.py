@@ -457,10 +457,14 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -
       yield n, np.asarray(pmap[path_][2](one))
 
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + '.tmp-', dir=out.parent))
+  # Only process 0 writes the export, so only it makes the temporary directory.
+  writer = jax.process_index() == 0
+  tmp = (
+    pathlib.Path(tempfile.mkdtemp(prefix=out.name + '.tmp-', dir=out.parent)) if writer else None
+  )
   written = False
   try:
-    if jax.process_index() == 0:
+    if writer:
       write_safetensors(tmp, tensors(), specs)
       hf_cfg = transformers.AutoConfig.for_model(**hf_config_dict(cfg))
       hf_cfg.save_pretrained(tmp)
@@ -471,7 +475,7 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir=None) -
         pass
     written = True
   finally:
-    if not written:  # an interrupted export leaves no half-written directory behind
+    if not written and tmp is not None:  # an interrupted export leaves no half-written directory
       shutil.rmtree(tmp, ignore_errors=True)
   if jax.process_index() == 0:
     if out.exists():
@@ -505,9 +509,12 @@ def save_checkpoint(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir
   if out.exists():
     raise CheckpointError(f'checkpoint directory {out} already exists')
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f'{out.name}.tmp-{os.getpid()}'
-  if tmp.exists():
+  # One temporary path for every process: orbax writes each process's shards into the same
+  # checkpoint (a per-process name would leave each waiting for the others' shards).
+  tmp = out.parent / f'{out.name}.tmp'
+  if tmp.exists() and jax.process_index() == 0:  # left by a killed attempt
     shutil.rmtree(tmp)
+  _sync(f'save_checkpoint:{out}')
   params = nnx.to_pure_dict(nnx.state(model))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp / 'params', params)
@@ -517,6 +524,14 @@ def save_checkpoint(model: Decoder, out_dir: str | os.PathLike, *, tokenizer_dir
     if tokenizer_dir is not None:
       copy_tokenizer(tokenizer_dir, tmp)
     tmp.rename(out)
+  _sync(f'saved_checkpoint:{out}')
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def load_checkpoint(

@@ -220,9 +220,8 @@ def with_reference_logps(
     tokens, mask = pad_batch(seqs + empty, length=length)
     loss_mask, _ = pad_batch(masks + empty, length=length)
     placed = shd.shard_batch({'t': tokens, 'm': mask, 'l': loss_mask}, mesh)
-    logps = np.asarray(
-      jax.device_get(train_lib.sequence_logps(model, placed['t'], placed['m'], placed['l']))
-    )
+    # Gathered on every process: the rows are sharded over all hosts' devices.
+    logps = shd.to_host(train_lib.sequence_logps(model, placed['t'], placed['m'], placed['l']))
     for j, p in enumerate(chunk):
       out.append(
         dataclasses.replace(
@@ -456,6 +455,8 @@ def fit(
     state, record = restored.state, restored.meta
     if record['seed'] != cfg.seed:
       raise ValueError(f'checkpoint at step {start} was written with seed {record["seed"]}')
+    if jax.process_index() == 0:
+      print(f'[ilr_jax] {workdir}: resumed at step {start} of {total}', flush=True)
 
   logger = _Logger(workdir, start)
   from tqdm import tqdm

@@ -6,11 +6,13 @@ first; a stage may add more (proposal, proposal_correct, previous_label, valid).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from ilr_jax.workdir import atomic_dir, is_writer, load
+from ilr_jax.workdir import atomic_dir, is_writer, jsonable, load
 
 LABEL_COLUMNS = (
   'id',
@@ -104,4 +106,19 @@ def load_label_set(path: str | os.PathLike) -> dict[str, list]:
     ds = datasets.load_from_disk(os.fspath(p))
     return {c: ds[c] for c in ds.column_names}
 
-  return load(path, read, 'label set')
+  rows = load(path, read, 'label set')
+  import jax
+
+  if jax.process_count() > 1:
+    # Every process reads what process 0 wrote; the log line lets a run show they read the same.
+    print(
+      f'[ilr_jax] process {jax.process_index()} read label set {path} digest {label_digest(rows)}',
+      flush=True,
+    )
+  return rows
+
+
+def label_digest(rows: Mapping[str, Sequence]) -> str:
+  """A short content hash of a label set's columns (NaN scores hash as null)."""
+  blob = json.dumps(jsonable({c: list(rows[c]) for c in sorted(rows)}), sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -46,8 +46,31 @@ _RECOMPUTE = flags.DEFINE_bool(
 _DISTRIBUTED = flags.DEFINE_bool(
   'distributed',
   False,
-  'multi-host: call jax.distributed.initialize() first (TPU pods, multi-node GPU); every process '
-  'runs the same command',
+  'several processes, one run (TPU slices, multi-node GPU, CPU processes): join them with '
+  'jax.distributed first; every process runs the same command (see ilr_jax/distributed.py)',
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'with --distributed: HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS, else detected on '
+  'TPU VMs / SLURM)',
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  'num_processes', None, 'with --distributed: how many processes (default: $JAX_NUM_PROCESSES)'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  'process_id', None, 'with --distributed: this process (default: $JAX_PROCESS_ID)'
+)
+_HEARTBEAT = flags.DEFINE_integer(
+  'heartbeat_timeout_s',
+  100,
+  'with --distributed: a process silent this long is dead, and every other process aborts',
+)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+  'initialization_timeout_s', 300, 'with --distributed: how long to wait for every process to join'
+)
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+  'shutdown_timeout_s', 300, 'with --distributed: how long the last barrier at exit waits'
 )
 _REDO = flags.DEFINE_string(
   'redo',
@@ -134,9 +157,22 @@ def main(argv):
     # Orbax and datasets log every checkpoint at INFO; stage lines are printed by the pipeline.
     logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
-    import jax
+    from ilr_jax import distributed
 
-    jax.distributed.initialize()
+    coord = distributed.Coordinator(
+      address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      initialization_timeout_s=_INIT_TIMEOUT.value,
+      heartbeat_timeout_s=_HEARTBEAT.value,
+      shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value,
+    )
+    try:
+      coord = distributed.resolve(coord)
+    except ValueError as e:
+      sys.exit(f'ilr_jax.main: bad --distributed settings: {e}')
+    distributed.initialize(coord)
+    print(f'[ilr_jax] {distributed.describe()}', flush=True)
   config = _config()
   from ilr_jax import feedback, lock, pipeline, preflight, schema, workdir
 

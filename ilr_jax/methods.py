@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-FAMILIES = ('sft', 'ilr', 'dpo')
+FAMILIES = (SFT, ILR, DPO) = ('sft', 'ilr', 'dpo')
 FEEDBACK = ('evaluator', 'oracle', 'judge', 'human', 'random')
 COMPARING = ('evaluator', 'oracle', 'judge', 'human')  # the sources that compare two answers
 _PREFIX = {'evaluator': '', 'oracle': 'ora', 'judge': 'judge', 'human': 'human'}

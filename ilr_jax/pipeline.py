@@ -9,7 +9,6 @@ supervisor_stages.py, label_stages.py and dpo_stages.py, sharing context.Run.
 
 from __future__ import annotations
 
-import os
 import time
 
 from ilr_jax import graph, report
@@ -72,15 +71,15 @@ def _execute(runner, wd: Workdir) -> None:
     raise AwaitingAnnotations('\n\n'.join(waiting))
 
 
-def _enable_compile_cache(path) -> None:
+def _enable_compile_cache(path, config) -> None:
   """JAX's persistent compilation cache: every stage builds its own jitted train and sample
   functions, and those of equal shapes compile to the same program, which is then compiled once
-  per run instead of once per stage (most of a CPU run's time otherwise)."""
-  import jax
+  per run instead of once per stage (most of a CPU run's time otherwise). Not where
+  compile_cache.usable says it breaks collectives (sharded CPU meshes, several CPU processes)."""
+  from ilr_jax import compile_cache, sharding
 
-  jax.config.update('jax_compilation_cache_dir', os.fspath(path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  compile_cache.enable(path, dict(mesh.shape))
 
 
 def run(config, workdir: str, recompute_changed: bool = False) -> str:
@@ -97,7 +96,7 @@ def run(config, workdir: str, recompute_changed: bool = False) -> str:
   if is_writer():
     write_json(wd.root / 'config.json', config.to_dict())
   if config.compile_cache:
-    _enable_compile_cache(config.compile_cache_dir or wd.root / 'jax_cache')
+    _enable_compile_cache(config.compile_cache_dir or wd.root / 'jax_cache', config)
   from ilr_jax import lengths
   from ilr_jax.context import Run
 

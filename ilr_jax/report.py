@@ -47,7 +47,7 @@ TABLE_COLUMNS = (
 
 def write_results(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
   """results.jsonl: one JSON object per row, written atomically."""
-  text = ''.join(json.dumps(wdlib._jsonable(dict(r)), sort_keys=True) + '\n' for r in rows)
+  text = ''.join(json.dumps(wdlib.jsonable(dict(r)), sort_keys=True) + '\n' for r in rows)
   wdlib.write_text(path, text)
 
 

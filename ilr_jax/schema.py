@@ -128,6 +128,9 @@ def train_section(
     t.lora_alpha = lora_alpha
   t.max_len = max_len  # longest training sequence in tokens (longer examples are an error)
   t.pad_multiple = 64  # batches are padded to a multiple of this (length buckets)
+  # Rows per gradient-accumulation step (None: the whole batch at once); set where a batch does
+  # not fit the accelerator's memory. The update is the same (train.py).
+  t.micro_batch = config_dict.placeholder(int)
   return t
 
 
@@ -138,6 +141,11 @@ def _check_train(config, name: str) -> None:
   _need(t.lr > 0, f'{flag}.lr must be > 0, got {t.lr}')
   _need(t.epochs > 0, f'{flag}.epochs must be > 0, got {t.epochs}')
   _need(t.batch_size >= 1, f'{flag}.batch_size must be >= 1, got {t.batch_size}')
+  mb = t.micro_batch
+  _need(
+    mb is None or (mb >= 1 and t.batch_size % mb == 0),
+    f'{flag}.micro_batch={mb} must be >= 1 and divide batch_size={t.batch_size}',
+  )
   _need(
     t.optimizer in optimizers.OPTIMIZERS,
     f'{flag}.optimizer must be one of {optimizers.OPTIMIZERS}, got {t.optimizer!r}',

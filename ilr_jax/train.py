@@ -482,6 +482,26 @@ def make_trainer(
   tx = make_optimizer(cfg, total_steps)
   schedule = make_schedule(cfg, total_steps)
   graphdef, state, state_sh = create_state(model, tx, mesh, rules)
+  train_step, eval_step, b_sh = jit_steps(graphdef, loss, cfg, tx, state_sh, mesh)
+  trainer = Trainer(
+    graphdef=graphdef,
+    loss=loss,
+    cfg=cfg,
+    mesh=mesh,
+    total_steps=total_steps,
+    tx=tx,
+    schedule=schedule,
+    state_shardings=state_sh,
+    batch_shardings=b_sh,
+    train_step=train_step,
+    eval_step=eval_step,
+  )
+  return trainer, state
+
+
+def jit_steps(graphdef, loss: str, cfg: TrainConfig, tx, state_sh: TrainState, mesh):
+  """(train_step, eval_step, batch shardings) of a state with shardings `state_sh`; each step has
+  `.jitted`, the jax.jit function (compile_check lowers it on abstract inputs)."""
   accum = cfg.accum_steps > 1
   b_sh = batch_shardings(loss, mesh, accum)
   loss_fn = functools.partial(_call_loss, LOSS_FNS[loss], cfg)
@@ -526,20 +546,7 @@ def make_trainer(
 
   train_step.jitted = train_jit
   eval_step.jitted = eval_jit
-  trainer = Trainer(
-    graphdef=graphdef,
-    loss=loss,
-    cfg=cfg,
-    mesh=mesh,
-    total_steps=total_steps,
-    tx=tx,
-    schedule=schedule,
-    state_shardings=state_sh,
-    batch_shardings=b_sh,
-    train_step=train_step,
-    eval_step=eval_step,
-  )
-  return trainer, state
+  return train_step, eval_step, b_sh
 
 
 def _call_loss(fn, cfg, model, batch, max_targets):

@@ -111,13 +111,13 @@ def sync(name: str) -> None:
 # -- atomic writes -------------------------------------------------------------------------------
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+    return jsonable(x.tolist())
   if isinstance(x, np.generic):
     return x.item()
   if isinstance(x, float) and not math.isfinite(x):
@@ -127,7 +127,7 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Write `obj` as JSON through a temporary file and a rename (atomic on POSIX)."""
-  write_text(path, json.dumps(_jsonable(obj), indent=1, sort_keys=True) + '\n')
+  write_text(path, json.dumps(jsonable(obj), indent=1, sort_keys=True) + '\n')
 
 
 @contextlib.contextmanager
@@ -208,7 +208,7 @@ def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
     if not tree and prefix:
       out[prefix[:-1]] = {}
     return out
-  return {prefix[:-1]: _jsonable(tree)}
+  return {prefix[:-1]: jsonable(tree)}
 
 
 def _under(k: str, key: str) -> bool:
@@ -229,7 +229,7 @@ _KILL_SUFFIX = re.compile(r'(|outputs|(checkpoint|snapshot)_[0-9]+)')
 
 
 def fingerprint(values: Mapping[str, Any]) -> str:
-  blob = json.dumps(_jsonable(dict(values)), sort_keys=True, separators=(',', ':'))
+  blob = json.dumps(jsonable(dict(values)), sort_keys=True, separators=(',', ':'))
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -364,7 +364,7 @@ class Workdir:
       if stored is None:
         continue
       old, finished = stored
-      change = _first_change(old, _jsonable(self._values[name]))
+      change = _first_change(old, jsonable(self._values[name]))
       if change is None:
         continue
       if not self.recompute_changed:
