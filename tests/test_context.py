@@ -39,7 +39,9 @@ def test_every_training_section_reaches_its_train_config():
 
 def test_dpo_samples_per_prompt_come_from_the_config(monkeypatch):
   run = object.__new__(context.Run)
-  run.config = ml_collections.ConfigDict({'seed': 0, 'sampling': {'batch_size': 4}})
+  run.config = ml_collections.ConfigDict(
+    {'seed': 0, 'sampling': {'batch_size': 4}, 'debug': {'timing': False}}
+  )
   run.task, run.mesh = tasks.get_task('arith'), None
   run.tok = lambda role: None
   seen = {}

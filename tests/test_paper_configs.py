@@ -59,6 +59,15 @@ SIZES = (
   '--config.evaluator_train.batch_size=8',
   '--config.evaluator_train.max_len=512',
   '--config.sampling.batch_size=32',
+  # The paper configs shard over tensor and accumulate micro-batches sized for accelerators:
+  # back to data parallelism over the test's devices and one micro-batch per batch.
+  '--config.mesh.data=-1',
+  '--config.mesh.fsdp=1',
+  '--config.mesh.tensor=1',
+  '--config.supervisor_sft.micro_batch=8',
+  '--config.sft.micro_batch=8',
+  '--config.dpo.micro_batch=4',
+  '--config.evaluator_train.micro_batch=8',
 )
 
 
