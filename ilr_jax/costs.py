@@ -57,20 +57,15 @@ def _batch(loss: str, b: int, t: int) -> dict[str, jax.ShapeDtypeStruct]:
 def lowered_step(cfg: ModelConfig, loss: str, batch: int, seq_len: int, lora_rank: int = 0):
   """The jitted train step of `loss` lowered on abstract state and batch (nothing allocated).
 
-  The loss covers the last half of each sequence (max_targets = seq_len // 2), as bench.py's
+  The loss covers the last half of each sequence (max_targets = seq_len // 2), as the benchmark's
   sft_step / dpo_step. For 'classifier' the model gets a 2-class score head.
   """
   if loss == 'classifier':
     cfg = cfg.replace(num_labels=2)
   model = _abstract_model(cfg, lora_rank)
-  tcfg = train_lib.TrainConfig(
-    lr=5e-5,
-    schedule='constant',
-    warmup_ratio=0.0,
-    clip_norm=None,
-    lora_rank=lora_rank,
-    lora_alpha=2.0 * lora_rank,
-  )
+  from ilr_jax.bench.train_workloads import train_config
+
+  tcfg = train_config(lora_rank)  # the benchmark's optimizer settings (docs/BENCH.md)
   tx = train_lib.make_optimizer(tcfg, 1000)
   graphdef, params, frozen = lora_lib.split_trainable(model)
   opt_state = jax.eval_shape(tx.init, params)

@@ -22,7 +22,7 @@ from ilr_jax.bench.harness import BenchContext, Case, jax_model, train_flops, wo
 LORA_RANK = 64
 
 
-def _train_config(lora_rank: int) -> train_lib.TrainConfig:
+def train_config(lora_rank: int) -> train_lib.TrainConfig:
   # docs/BENCH.md: AdamW lr 5e-5, no clipping, no schedule (as torch_peer's optimizer).
   return train_lib.TrainConfig(
     optimizer='adamw',
@@ -48,7 +48,7 @@ def sft_case(ctx: BenchContext, lora_rank: int) -> Case:
   mask = np.ones((b, t), np.int32)
   model = jax_model(ctx, lora_rank)
   trainer, state_box = train_lib.make_trainer(
-    model, 'sft', _train_config(lora_rank), 1000, mesh=ctx.mesh
+    model, 'sft', train_config(lora_rank), 1000, mesh=ctx.mesh
   )
   batch = trainer.shard_batch({'tokens': tokens, 'mask': mask, 'loss_mask': _answer_mask(b, t, p)})
   box = [state_box]
@@ -82,7 +82,7 @@ def dpo_case(ctx: BenchContext, lora_rank: int) -> Case:
   model = jax_model(ctx, lora_rank)
   ref_graphdef, ref_state = nnx.split(model)
   ref_state = jax.tree.map(jnp.copy, ref_state)  # the reference: a frozen copy of the start
-  cfg = _train_config(lora_rank)
+  cfg = train_config(lora_rank)
   trainer, state0 = train_lib.make_trainer(model, 'dpo', cfg, 1000, mesh=ctx.mesh)
   del model
   host = {}
