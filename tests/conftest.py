@@ -19,6 +19,22 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'd
 
 
 @pytest.fixture(scope='session')
+def compile_cache_dir(tmp_path_factory) -> pathlib.Path:
+  """One persistent compilation cache for every whole-pipeline subprocess of this test session
+  (`--config.compile_cache_dir=`), shared by the xdist workers: the tiny runs of several files have
+  equal shapes, so most of their programs compile once per session instead of once per run. JAX
+  writes an entry only where its key is absent and results do not depend on the cache (a served
+  program computes what a fresh compile does; test_pipeline compares runs that compiled and runs
+  that were served). Sharded CPU meshes never use it (ilr_jax/compile_cache.py)."""
+  root = tmp_path_factory.getbasetemp()
+  if root.name.startswith('popen-gw'):  # xdist: one basetemp per worker under a common root
+    root = root.parent
+  path = root / 'jax_cache'
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@pytest.fixture(scope='session')
 def shared_data():
   """Path to ../shared/data; skips the test where the folder is absent (a user's clone)."""
   if not SHARED_DATA.is_dir():

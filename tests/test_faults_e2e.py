@@ -44,7 +44,7 @@ app.run(main.main, flags_parser=main._parse)
 """
 
 
-def _main(wd, *extra, full_disk=False):
+def _main(wd, cache, *extra, full_disk=False):
   env = dict(
     os.environ,
     PYTHONPATH=str(PACKAGE_ROOT),
@@ -54,6 +54,7 @@ def _main(wd, *extra, full_disk=False):
   )
   head = ['-c', _FULL_DISK] if full_disk else ['-m', 'ilr_jax.main']
   cmd = [sys.executable, *head, f'--config={CONFIG}', f'--workdir={wd}', *extra]
+  cmd.append(f'--config.compile_cache_dir={cache}')  # the session's (conftest.py)
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -73,19 +74,20 @@ def _last_line(r):
 
 
 @pytest.mark.slow
-def test_kill_full_disk_corruption_and_redo_end_with_the_same_results(tmp_path):
+def test_kill_full_disk_corruption_and_redo_end_with_the_same_results(tmp_path, compile_cache_dir):
+  cache = compile_cache_dir
   wd = tmp_path / 'wd'
   sup = wd / 'supervisor' / 'fit'
-  r = _main(wd, '--config.debug.kill_at=supervisor:checkpoint_45')
+  r = _main(wd, cache, '--config.debug.kill_at=supervisor:checkpoint_45')
   assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
   assert (sup / 'checkpoints' / '45').is_dir() and not (wd / 'stages' / 'supervisor.json').exists()
 
-  r = _main(wd, full_disk=True)
+  r = _main(wd, cache, full_disk=True)
   assert r.returncode == 2, r.stderr[-3000:]
   line = _last_line(r)
   assert 'out of disk space' in line and 'step_90' in line and 'rerun the same command' in line
 
-  r = _main(wd)
+  r = _main(wd, cache)
   assert r.returncode == 0, r.stderr[-3000:]
   assert [s for s, _ in fit.fit_checkpoints(sup)] == [45, 90]
   faulted = _rows(wd)
@@ -94,13 +96,13 @@ def test_kill_full_disk_corruption_and_redo_end_with_the_same_results(tmp_path):
   record = wd / 'stages' / 'sft.json'
   kept = {p: p.read_bytes() for p in (wd / 'stages').rglob('*.json') if p != record}
   record.write_text(record.read_text()[:40])
-  r = _main(wd)
+  r = _main(wd, cache)
   assert r.returncode == 2, r.stderr[-3000:]
   line = _last_line(r)
   assert str(record) in line and '--redo=sft' in line and len(r.stderr.strip().splitlines()) == 1
   assert {p: p.read_bytes() for p in kept} == kept
 
-  r = _main(wd, '--redo=supervisor')
+  r = _main(wd, cache, '--redo=supervisor')
   assert r.returncode == 0, r.stderr[-3000:]
   assert '[ilr_jax] stage supervisor done' in r.stdout  # recomputed, with what follows
   assert '[ilr_jax] stage pretrain/supervisor done' not in r.stdout  # upstream: kept

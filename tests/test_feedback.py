@@ -168,7 +168,7 @@ class _FakeServer(http.server.BaseHTTPRequestHandler):
     self.wfile.write(data)
 
 
-def _main(wd, *extra):
+def _main(wd, cache, *extra):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
@@ -177,12 +177,12 @@ def _main(wd, *extra):
     PYTHONPATH=str(ROOT),
   )
   cmd = [sys.executable, '-m', 'ilr_jax.main', '--config=configs/arith.py:ilr,tiny']
-  cmd += [f'--workdir={wd}', *extra]
+  cmd += [f'--workdir={wd}', f'--config.compile_cache_dir={cache}', *extra]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.fixture(scope='module')
-def judged(tmp_path_factory):
+def judged(tmp_path_factory, compile_cache_dir):
   httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _FakeServer)
   thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
   thread.start()
@@ -191,6 +191,7 @@ def judged(tmp_path_factory):
     url = f'http://127.0.0.1:{httpd.server_address[1]}/v1'
     r = _main(
       wd,
+      compile_cache_dir,
       '--config.feedback.source=judge',
       '--config.feedback.judge.backend=http',
       f'--config.feedback.judge.base_url={url}',
@@ -203,13 +204,13 @@ def judged(tmp_path_factory):
     httpd.server_close()
     thread.join(timeout=5)
   assert r.returncode == 0, r.stderr[-5000:]
-  return wd, r
+  return wd, r, compile_cache_dir
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_judge_feedback_run_asks_both_orders(judged):
-  wd, r = judged
+  wd, r, _ = judged
   assert 'judgeilr' in r.stdout and not (wd / 'evaluator').exists()
   d = labels.load_label_set(wd / 'judgeilr/r1/labels/labels')
   dis = [j for j, a in enumerate(d['agreed']) if not a]
@@ -229,9 +230,9 @@ def _verdicts(path, rows, pick):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_human_feedback_run_waits_validates_and_continues(judged):
-  wd, _ = judged
+  wd, _, cache = judged
   stage = wd / 'humanilr/r1/labels'
-  r = _main(wd, '--config.feedback.source=human')
+  r = _main(wd, cache, '--config.feedback.source=human')
   assert r.returncode == 3, r.stderr[-3000:]
   assert (
     'waiting for annotations' in r.stdout and not (wd / 'stages/humanilr/r1/labels.json').exists()
@@ -240,16 +241,16 @@ def test_human_feedback_run_waits_validates_and_continues(judged):
   side = json.loads((stage / feedback.ANNOTATION_KEY).read_text())['proposal_side']
   out = stage / 'annotations.jsonl'
   _verdicts(out, rows[:-1], lambda r: 'A')
-  r = _main(wd, '--config.feedback.source=human')
+  r = _main(wd, cache, '--config.feedback.source=human')
   assert r.returncode == 3 and f'1 of {len(rows)} comparisons have no verdict' in r.stdout
   _verdicts(out, rows + [{'id': 'nope'}], lambda r: 'A')
-  r = _main(wd, '--config.feedback.source=human')
+  r = _main(wd, cache, '--config.feedback.source=human')
   assert r.returncode == 2 and "unknown id 'nope'" in r.stderr
   # The annotator prefers the proposal where its id's first hex digit is even.
   prefer = {r['id']: int(r['id'][0], 16) % 2 == 0 for r in rows}
   other = {'A': 'B', 'B': 'A'}
   _verdicts(out, rows, lambda r: side[r['id']] if prefer[r['id']] else other[side[r['id']]])
-  r = _main(wd, '--config.feedback.source=human')
+  r = _main(wd, cache, '--config.feedback.source=human')
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'humanilr' in r.stdout
   d = labels.load_label_set(stage / 'labels')

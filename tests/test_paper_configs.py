@@ -13,7 +13,7 @@ tiny Gemma. GSM8K trains only on labels with `####` (METHOD.md), which a random 
 writes, and a random model's beam-search labels are blank once stripped, so the GSM8K and BIRD
 supervisors train more epochs on half A (120 steps) than SaferPaca's (which samples).
 
-The three runs share one compilation cache (equal shapes compile once) and take about 4 minutes
+The three runs share the session's compilation cache (conftest.py; equal shapes compile once) and take about 4 minutes
 on 2 idle cores; one xdist worker runs this whole file (setup.cfg: --dist loadfile).
 """
 
@@ -243,7 +243,7 @@ def _main(config, wd, *extra, timeout=1800):
 
 
 @pytest.fixture(scope='module')
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, compile_cache_dir):
   """Data dirs, one tokenizer and the tiny checkpoints, shared by the three runs."""
   base = tmp_path_factory.mktemp('paper')
   data = {
@@ -257,7 +257,7 @@ def assets(tmp_path_factory):
   # cache compiles most programs once.
   fast = _tokenizer([t for tr, te in data.values() for t in _texts(tr, te)])
   ckpt = {arch: _checkpoint(base / arch, arch, fast, seed) for seed, arch in enumerate(ARCHS)}
-  return dict(base=base, ckpt=ckpt, cache={})
+  return dict(base=base, ckpt=ckpt, cache={}, compile_cache=compile_cache_dir)
 
 
 ARCHS = ('gemma', 'mistral', 'llama')
@@ -304,7 +304,7 @@ def _run(assets, task):
       f'configs/{task}.py:compare',
       wd,
       f'--config.task.data_dir={base / f"{task}_data"}',
-      f'--config.compile_cache_dir={base / "jax_cache"}',
+      f'--config.compile_cache_dir={assets["compile_cache"]}',
       *_plan(task, base, assets['ckpt']),
     )
     assets['cache'][task] = dict(wd=wd, returncode=r.returncode, stdout=r.stdout, stderr=r.stderr)

@@ -1,8 +1,10 @@
 """The whole pipeline on `configs/arith.py:compare,tiny,all`: artifacts, kill/resume, refusal.
 
-Two runs of the tiny setting go at once in subprocesses (2 fake devices each, so batches are
-sharded): one uninterrupted, one SIGKILLed at several stages (config `debug.kill_at`) and rerun
-until it finishes. Their results and label sets must be equal; the uninterrupted run's artifacts
+Runs of the tiny setting in subprocesses (2 fake devices each, so batches are sharded): one
+uninterrupted, then one SIGKILLed at several stages (config `debug.kill_at`) and rerun until it
+finishes. The uninterrupted run compiles into the session's compilation cache first, so the later
+runs (and each relaunch of the killed one) are served most programs: the equality checks compare
+freshly compiled programs with served ones. Their results and label sets must be equal; the uninterrupted run's artifacts
 are checked against the method's rules.
 
 A third run uses the code of a pinned reference commit (exported with `git archive`): a change of
@@ -33,13 +35,13 @@ KILLS = ('weak_labels', 'halves/weak_labels/m2:outputs', 'ilr/r1/labels', 'dpo/r
 ALPHA = 0.15
 REFERENCE_COMMIT = '9d83333'
 
-# Two whole-pipeline runs in subprocesses, about 3 minutes on 2 idle cores. One xdist worker runs
-# every test of a file (setup.cfg: --dist loadfile), so the module fixture is built once.
+# One xdist worker runs every test of a file (setup.cfg: --dist loadfile), so the module fixture
+# is built once.
 pytestmark = pytest.mark.e2e
 
 
 # A bound for a hung run, not a speed check: a shared machine runs these 3-5x slower than idle.
-def _main(wd, *extra, timeout=1800, root=ROOT):
+def _main(wd, *extra, timeout=1800, root=ROOT, cache=None):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
@@ -48,6 +50,8 @@ def _main(wd, *extra, timeout=1800, root=ROOT):
     PYTHONPATH=str(root),
   )
   cmd = [sys.executable, '-m', 'ilr_jax.main', f'--config={CONFIG}', f'--workdir={wd}', *extra]
+  if cache is not None:
+    cmd.append(f'--config.compile_cache_dir={cache}')
   return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -68,41 +72,40 @@ def _export_reference(dest: pathlib.Path) -> str | None:
   return None
 
 
-def _reference_run(base: pathlib.Path):
+def _reference_run(base: pathlib.Path, cache):
   """(workdir of the reference code's run, None) or (None, why it was skipped)."""
   code = base / 'reference_code'
   why = _export_reference(code)
   if why is not None:
     return None, why
   wd = base / 'reference'
-  r = _main(wd, root=code)
+  r = _main(wd, root=code, cache=cache)
   assert r.returncode == 0, f'the reference commit failed:\n{r.stderr[-5000:]}'
   return wd, None
 
 
-def _killed_then_resumed(wd):
+def _killed_then_resumed(wd, cache):
   codes = []
   for stage in KILLS:
-    r = _main(wd, f'--config.debug.kill_at={stage}')
+    r = _main(wd, f'--config.debug.kill_at={stage}', cache=cache)
     codes.append(r.returncode)
     assert r.returncode == -signal.SIGKILL, (
       f'kill at {stage}: rc {r.returncode}\n{r.stderr[-3000:]}'
     )
-  return codes, _main(wd)
+  return codes, _main(wd, cache=cache)
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, compile_cache_dir):
   base = tmp_path_factory.mktemp('pipeline')
   full, resumed = base / 'full', base / 'resumed'
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    f_full = pool.submit(_main, full)
-    f_resumed = pool.submit(_killed_then_resumed, resumed)
-    f_reference = pool.submit(_reference_run, base)
-    r_full = f_full.result()
+  r_full = _main(full, cache=compile_cache_dir)
+  assert r_full.returncode == 0, r_full.stderr[-5000:]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    f_resumed = pool.submit(_killed_then_resumed, resumed, compile_cache_dir)
+    f_reference = pool.submit(_reference_run, base, compile_cache_dir)
     _, r_resumed = f_resumed.result()
     reference, no_reference = f_reference.result()
-  assert r_full.returncode == 0, r_full.stderr[-5000:]
   assert r_resumed.returncode == 0, r_resumed.stderr[-5000:]
   return dict(
     full=full,
@@ -110,6 +113,7 @@ def runs(tmp_path_factory):
     stdout=r_full.stdout,
     reference=reference,
     no_reference=no_reference,
+    cache=compile_cache_dir,
   )
 
 
@@ -234,7 +238,7 @@ def test_same_results_as_the_reference_commit(runs):
 
 @pytest.mark.slow
 def test_changed_config_is_refused_with_the_key(runs):
-  r = _main(runs['full'], '--config.sft.lr=0.5', timeout=300)
+  r = _main(runs['full'], '--config.sft.lr=0.5', timeout=300, cache=runs['cache'])
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
   assert 'config key sft.lr changed from 0.005 to 0.5' in last and '--recompute_changed' in last
