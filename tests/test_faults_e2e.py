@@ -75,7 +75,7 @@ def _last_line(r):
 
 @pytest.mark.slow
 def test_kill_full_disk_corruption_and_redo_end_with_the_same_results(tmp_path, compile_cache_dir):
-  cache = compile_cache_dir
+  cache = compile_cache_dir  # the session's (conftest.py)
   wd = tmp_path / 'wd'
   sup = wd / 'supervisor' / 'fit'
   r = _main(wd, cache, '--config.debug.kill_at=supervisor:checkpoint_45')

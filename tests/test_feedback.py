@@ -204,13 +204,13 @@ def judged(tmp_path_factory, compile_cache_dir):
     httpd.server_close()
     thread.join(timeout=5)
   assert r.returncode == 0, r.stderr[-5000:]
-  return wd, r, compile_cache_dir
+  return wd, r
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_judge_feedback_run_asks_both_orders(judged):
-  wd, r, _ = judged
+  wd, r = judged
   assert 'judgeilr' in r.stdout and not (wd / 'evaluator').exists()
   d = labels.load_label_set(wd / 'judgeilr/r1/labels/labels')
   dis = [j for j, a in enumerate(d['agreed']) if not a]
@@ -229,8 +229,8 @@ def _verdicts(path, rows, pick):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_human_feedback_run_waits_validates_and_continues(judged):
-  wd, _, cache = judged
+def test_human_feedback_run_waits_validates_and_continues(judged, compile_cache_dir):
+  (wd, _), cache = judged, compile_cache_dir
   stage = wd / 'humanilr/r1/labels'
   r = _main(wd, cache, '--config.feedback.source=human')
   assert r.returncode == 3, r.stderr[-3000:]
