@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Sequence
 
 from ilr_jax.tokens import prompt_text
@@ -175,6 +176,72 @@ def _chain(draw: _Draw, cfg: ArithConfig, num_steps: int) -> tuple[int, list[tup
   return start, steps
 
 
+Chain = tuple[tuple[int, str, int, int], ...]  # ((x, op, k, y), ...): one computation line each
+_LINE = re.compile(r'(\d+)([-+*/])(\d+)=(\d+)')
+
+
+def _as_chain(start: int, steps: Sequence[tuple[str, int, int]]) -> Chain:
+  out, x = [], start
+  for op, k, y in steps:
+    out.append((x, op, k, y))
+    x = y
+  return tuple(out)
+
+
+def computations(text: str) -> list[Chain]:
+  """The runs of computation lines in a text, each as a Chain.
+
+  A run is a maximal sequence of lines (or of ', '-separated facts) 'x<op>k=y', with or without
+  an item word, in which each line starts from the previous result. A problem's worked solution
+  is one run; a pretraining document holds one run or, for one-step facts, several.
+  """
+  runs: list[Chain] = []
+  current: list[tuple[int, str, int, int]] = []
+  for part in re.split(r'\n|, ', text):
+    m = _LINE.match(part.strip())
+    step = (int(m[1]), m[2], int(m[3]), int(m[4])) if m else None
+    if step is not None and current and step[0] == current[-1][3]:
+      current.append(step)
+      continue
+    if current:
+      runs.append(tuple(current))
+    current = [step] if step is not None else []
+  if current:
+    runs.append(tuple(current))
+  return runs
+
+
+def solution_chain(answer: str) -> Chain:
+  """The computation of a worked solution ('4+3=7\n7-5=2\n#### 2' -> ((4,'+',3,7), (7,'-',5,2)))."""
+  runs = computations(answer)
+  return runs[0] if runs else ()
+
+
+def contains_chain(run: Chain, chains: frozenset[Chain], min_len: int = 2) -> bool:
+  """Whether some contiguous part of `run`, at least min_len steps long, is one of `chains`."""
+  n = len(run)
+  return any(run[i:j] in chains for i in range(n) for j in range(i + min_len, n + 1))
+
+
+def exclusions(problems: Sequence[Problem]) -> tuple[frozenset[str], frozenset[Chain]]:
+  """What a corpus must not hold of these problems: their questions, and the computations of
+  their multi-step solutions (a one-step solution is a single arithmetic fact, which a corpus
+  teaches)."""
+  questions = frozenset(p.question for p in problems)
+  chains = frozenset(c for c in (solution_chain(p.answer) for p in problems) if len(c) >= 2)
+  return questions, chains
+
+
+def leaked(doc: str, questions: frozenset[str], chains: frozenset[Chain]) -> list[str]:
+  """What of the excluded problems a corpus document holds: each question whose text it contains
+  (with or without its solution), each multi-step solution whose computation it contains."""
+  found = [q for q in questions if q in doc]
+  for run in computations(doc):
+    if len(run) >= 2 and contains_chain(run, chains):
+      found.append(repr(run))
+  return found
+
+
 def make_problem(draw: _Draw, cfg: ArithConfig) -> Problem:
   """One word problem (or bare expression, see ArithConfig.style) with its worked solution."""
   if cfg.style == 'expression':
@@ -244,9 +311,17 @@ def generate(
   return out
 
 
-def _equation_doc(draw: _Draw, cfg: ArithConfig) -> str:
+def _doc_chain(draw: _Draw, cfg: ArithConfig, chains: frozenset[Chain]):
+  """A document's chain of min_steps .. max_steps + 2 steps holding none of `chains` (redrawn)."""
+  while True:
+    start, steps = _chain(draw, cfg, draw.integer(cfg.min_steps, cfg.max_steps + 2))
+    if not chains or not contains_chain(_as_chain(start, steps), chains):
+      return start, steps
+
+
+def _equation_doc(draw: _Draw, cfg: ArithConfig, chains: frozenset[Chain] = frozenset()) -> str:
   """A chain of bare equations, one a line ('12+7=19', then '19-5=14', ...)."""
-  start, steps = _chain(draw, cfg, draw.integer(cfg.min_steps, cfg.max_steps + 2))
+  start, steps = _doc_chain(draw, cfg, chains)
   lines, x = [], start
   for op, k, y in steps:
     lines.append(f'{x}{op}{k}={y}')
@@ -254,11 +329,11 @@ def _equation_doc(draw: _Draw, cfg: ArithConfig) -> str:
   return '\n'.join(lines)
 
 
-def _worked_doc(draw: _Draw, cfg: ArithConfig) -> str:
+def _worked_doc(draw: _Draw, cfg: ArithConfig, chains: frozenset[Chain] = frozenset()) -> str:
   """A stock and worked steps in the solution's wording, with no question and no final answer."""
   name, _, _ = draw.pick(NAMES)
   item = draw.pick(ITEMS)
-  start, steps = _chain(draw, cfg, draw.integer(cfg.min_steps, cfg.max_steps + 2))
+  start, steps = _doc_chain(draw, cfg, chains)
   lines, x = [f'{name} has {start} {item}.'], start
   for op, k, y in steps:
     lines.append(step_line(x, op, k, y, item))
@@ -266,17 +341,25 @@ def _worked_doc(draw: _Draw, cfg: ArithConfig) -> str:
   return '\n'.join(lines)
 
 
-def _facts_doc(draw: _Draw, cfg: ArithConfig) -> str:
-  """Unrelated one-step facts on one line: '3*4=12, 40/5=8.'"""
-  facts = []
-  for _ in range(draw.integer(2, 5)):
-    x, [(op, k, y)] = _chain(draw, cfg, 1)
-    facts.append(f'{x}{op}{k}={y}')
-  return ', '.join(facts) + '.'
+def _facts_doc(draw: _Draw, cfg: ArithConfig, chains: frozenset[Chain] = frozenset()) -> str:
+  """Unrelated one-step facts on one line: '3*4=12, 40/5=8.' (redrawn in the rare case that
+  consecutive facts happen to chain into one of `chains`)."""
+  while True:
+    facts = []
+    for _ in range(draw.integer(2, 5)):
+      x, [(op, k, y)] = _chain(draw, cfg, 1)
+      facts.append(f'{x}{op}{k}={y}')
+    text = ', '.join(facts) + '.'
+    if not chains or not any(contains_chain(r, chains) for r in computations(text)):
+      return text
 
 
 def _solved_doc(
-  draw: _Draw, cfg: ArithConfig, chat_frac: float = 0.0, exclude: frozenset[str] = frozenset()
+  draw: _Draw,
+  cfg: ArithConfig,
+  chat_frac: float = 0.0,
+  exclude: frozenset[str] = frozenset(),
+  chains: frozenset[Chain] = frozenset(),
 ) -> str:
   """A solved word problem as plain text, the question then its worked solution on new lines:
 
@@ -293,11 +376,51 @@ def _solved_doc(
   template, since 200 examples cannot re-teach it to copy the numbers in a new context.
   """
   p = make_problem(draw, cfg)
-  while p.question in exclude:  # the knobs allow more problems than any exclusion holds
+  # The knobs allow more problems than any exclusion holds.
+  while p.question in exclude or (chains and contains_chain(solution_chain(p.answer), chains)):
     p = make_problem(draw, cfg)
   if chat_frac and draw.chance(chat_frac):
     return prompt_text(p.question) + p.answer
   return f'{p.question}\n{p.answer}'
+
+
+def _slip(draw: _Draw, p: Problem) -> str:
+  """A wrong worked solution of `p`: one step's result off by 1 to 3, carried through the later
+  steps and the final answer, as a careless solver writes it ('5+4=10', '10+8=18', '#### 18').
+  Redrawn until no value is negative."""
+  chain = solution_chain(p.answer)
+  while True:
+    bad = draw.integer(0, len(chain) - 1)
+    delta = draw.pick((-3, -2, -1, 1, 2, 3))
+    lines, x = [], chain[0][0]
+    for i, (_, op, k, _) in enumerate(chain):
+      y = _apply(op, x, k) + (delta if i == bad else 0)
+      lines.append(f'{x}{op}{k}={y}')
+      x = y
+    if '=-' not in '\n'.join(lines):
+      return '\n'.join(lines + [f'#### {x}'])
+
+
+def _comparison_doc(
+  draw: _Draw,
+  cfg: ArithConfig,
+  exclude: frozenset[str] = frozenset(),
+  chains: frozenset[Chain] = frozenset(),
+) -> str:
+  """A solved problem's correct solution and a slipped one (`_slip`) in the evaluator's comparison
+  template, in a random order, then the verdict: 'Yes' (change to answer (B)) when B is the
+  correct one, else 'No'. The judgement data of a real pretraining mix: a base that has read these
+  reads the template, at its length, as a question about which answer is right.
+  Expression-style problems only (their solutions hold nothing but the computation)."""
+  from ilr_jax.comparisons import comparison_prompt
+
+  p = make_problem(draw, cfg)
+  while p.question in exclude or (chains and contains_chain(solution_chain(p.answer), chains)):
+    p = make_problem(draw, cfg)
+  wrong = _slip(draw, p)
+  if draw.chance(0.5):
+    return comparison_prompt(p.question, wrong, p.answer) + '\nYes'
+  return comparison_prompt(p.question, p.answer, wrong) + '\nNo'
 
 
 def make_corpus(
@@ -308,6 +431,8 @@ def make_corpus(
   chat_frac: float = 0.0,
   *,
   exclude: frozenset[str] = frozenset(),
+  exclude_chains: frozenset[Chain] = frozenset(),
+  comparison_frac: float = 0.0,
 ) -> list[str]:
   """Pretraining documents: equation chains, worked steps and one-step facts, deterministic.
 
@@ -322,7 +447,15 @@ def make_corpus(
     chat_frac: the fraction of those solved problems written in the prompt format (see
       `_solved_doc`); 0 (the default) writes all of them in the plain format and draws no random
       number for that choice, so the other documents do not change.
-    exclude: questions no solved problem may ask (the pipeline passes the test split's).
+    exclude: questions no solved problem may ask (the pipeline passes every train and test
+      question: `exclusions`).
+    exclude_chains: computations (Chains of 2 or more steps) that no document may contain, as a
+      whole or as a contiguous part of a longer chain: the multi-step solutions of the train and
+      test problems (`exclusions`). Without exclusions nothing is redrawn, so the documents do
+      not change.
+    comparison_frac: the expected fraction of comparison documents (`_comparison_doc`, on
+      problems under the same exclusions); 0 (the default) draws no random number for that
+      choice, so the other documents do not change.
   Returns:
     `size` strings, several lines each.
   """
@@ -330,12 +463,18 @@ def make_corpus(
     raise ValueError(f'solved_frac must lie in [0, 1], got {solved_frac}')
   if not 0.0 <= chat_frac <= 1.0:
     raise ValueError(f'chat_frac must lie in [0, 1], got {chat_frac}')
+  if not 0.0 <= comparison_frac <= 1.0:
+    raise ValueError(f'comparison_frac must lie in [0, 1], got {comparison_frac}')
+  if comparison_frac and cfg.style != 'expression':
+    raise ValueError("comparison documents need style='expression' problems")
   draw = _Draw(f'arith/corpus/{seed}')
   makers = (_equation_doc, _worked_doc, _facts_doc)
   docs = []
   for _ in range(size):
-    if solved_frac and draw.chance(solved_frac):
-      docs.append(_solved_doc(draw, cfg, chat_frac, exclude))
+    if comparison_frac and draw.chance(comparison_frac):
+      docs.append(_comparison_doc(draw, cfg, exclude, exclude_chains))
+    elif solved_frac and draw.chance(solved_frac):
+      docs.append(_solved_doc(draw, cfg, chat_frac, exclude, exclude_chains))
     else:
-      docs.append(draw.pick(makers)(draw, cfg))
+      docs.append(draw.pick(makers)(draw, cfg, exclude_chains))
   return docs

@@ -4,6 +4,12 @@
                   (1,2), (3,4), ... are compared by the method's feedback and the most confident
                   dpo.keep_frac of them kept
 <m>/r<k>/policy   DPO from policy k-1 with reference policy k-1; evaluated on test
+
+The pairs stage reports the feedback accuracy over every scored candidate pair (before the
+keep_frac cut) with exactly one correct side: how often s = P(second better than first) prefers
+the correct one, a tie s == 0.5 half a hit (feedback_metrics.feedback_accuracy). Oracle feedback
+gives no scores: None over 0 pairs. dpo_pair_accuracy is over the kept pairs with exactly one
+correct side: how often the chosen answer is the correct one.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import math
 import numpy as np
 
 from ilr_jax.context import Run, final_metric
+from ilr_jax.feedback_metrics import feedback_accuracy
 from ilr_jax.methods import Method
 from ilr_jax.workdir import is_writer, read_json, sync, write_json
 
@@ -73,6 +80,7 @@ def pairs(run: Run, method: Method, k: int, policy_stage: str) -> dict:
       },
     )
   differ = ch_ok != rej_ok
+  fb_accuracy, fb_items = feedback_accuracy(scores, correct_a, correct_b)
   return {
     'dpo_pairs': int(sel.num_kept),
     'dpo_candidates': int(len(a)),
@@ -80,6 +88,8 @@ def pairs(run: Run, method: Method, k: int, policy_stage: str) -> dict:
     'dpo_pair_accuracy': float(np.mean(ch_ok[differ])) if differ.any() else None,
     'dpo_chosen_accuracy': float(np.mean(ch_ok)) if len(ch_ok) else None,
     'sample_accuracy': float(np.mean(flat_correct)),
+    'feedback_accuracy': fb_accuracy,
+    'feedback_items': fb_items,
   }
 
 

@@ -14,7 +14,7 @@ Two scorers implement it: `EvaluatorScorer` (a trained 2-class score-head model)
 
 `train_evaluator` runs fit.py's classifier loop with per-epoch validation loss, early stopping and
 the best epoch restored, then reports validation accuracy per example and per pair
-(`validation_metrics`).
+(`validation_metrics`: pairs whose two sides are the same text are left out, a tie is half a hit).
 
 Token convention of a comparison prompt: `[BOS] + tok.encode(comparison_prompt(q, a, b))`, with
 no SFT template around it (the evaluator is a classifier, not a chat model). Training examples and
@@ -55,6 +55,7 @@ from ilr_jax import fit, train
 from ilr_jax import sharding as shd
 from ilr_jax import workdir as wd
 from ilr_jax.comparisons import ACCEPT, REJECT, comparison_prompt
+from ilr_jax.feedback_metrics import preference_hits
 from ilr_jax.model import Decoder
 from ilr_jax.tokens import Tokenizer, encode_with_bos, pad_batch
 
@@ -363,33 +364,61 @@ class EvaluatorScorer:
 # -- training --------------------------------------------------------------------------------
 
 
+def _same_text(row: Mapping[str, Any]) -> bool:
+  """Whether a row's two answers are the same text (`comparisons.is_identical` on its pair)."""
+  return row['a'].strip() == row['b'].strip()
+
+
 def validation_metrics(scorer: EvaluatorScorer, rows: Sequence[Mapping[str, Any]]) -> dict:
   """Accuracy of the evaluator on classification rows {question, a, b, label, kind}.
 
-  val_accuracy: each row alone, P(accept) > 0.5 iff its label is ACCEPT. val_pair_accuracy: each
-  pair (a REJECT row whose swapped ACCEPT row is present) by the two-order score, i.e. how often
-  the evaluator ranks the better answer above the worse one, overall and per pair kind.
+  A pair is a REJECT row (a better than b) whose swapped ACCEPT row is present. Pairs whose two
+  sides are the same text (after .strip()) have no better side: their rows are left out of every
+  accuracy and not scored, the pairs counted in `val_pairs_identical`. Ties are half a hit
+  (feedback_metrics.preference_hits), never an error.
+
+  Returns:
+    val_examples: rows scored, i.e. the rows of distinct answers.
+    val_accuracy: each such row alone, right when P(accept) > 0.5 iff its label is ACCEPT (half
+      at exactly 0.5).
+    val_pairs: distinct pairs scored; val_pairs_identical: pairs of the same text, left out.
+    val_pair_accuracy: each distinct pair by the two-order score, i.e. how often the evaluator
+      ranks the better answer above the worse one (half at exactly 0.5); also per pair kind as
+      `val_pair_accuracy/<kind>`.
   """
   rows = list(rows)
-  ids, labels = encode_examples(scorer.tok, rows, scorer.max_len, scorer.too_long)
-  p_accept = scorer.accept_probs(ids)
+  distinct = [r for r in rows if not _same_text(r)]
+  p_accept = np.zeros(0, np.float64)
+  if distinct:
+    ids, _ = encode_examples(scorer.tok, distinct, scorer.max_len, scorer.too_long)
+    p_accept = np.asarray(scorer.accept_probs(ids), np.float64)
+  is_accept = np.asarray([r['label'] == ACCEPT for r in distinct], bool)
+  example_hits = preference_hits(p_accept, is_accept)  # s = P(accept): "b better than a"
   metrics = dict(
-    val_examples=len(rows),
-    val_accuracy=float(np.mean((p_accept > 0.5) == (labels == ACCEPT))) if rows else float('nan'),
+    val_examples=len(distinct),
+    val_accuracy=float(example_hits.mean()) if distinct else float('nan'),
   )
-  by_prompt = {(r['question'], r['a'], r['b']): p for r, p in zip(rows, p_accept)}
-  hits: dict[str, list[bool]] = {}
-  for r, p in zip(rows, p_accept):
-    swapped = by_prompt.get((r['question'], r['b'], r['a']))
+  p_of_accept_row = {
+    (r['question'], r['a'], r['b']): p for r, p in zip(distinct, p_accept) if r['label'] == ACCEPT
+  }
+  accept_rows = {(r['question'], r['a'], r['b']) for r in rows if r['label'] == ACCEPT}
+  identical = sum(
+    r['label'] == REJECT and _same_text(r) and (r['question'], r['b'], r['a']) in accept_rows
+    for r in rows
+  )
+  kinds, worse_better = [], []  # per pair: its kind, P(worse better than better) in both orders
+  for r, p in zip(distinct, p_accept):
+    swapped = p_of_accept_row.get((r['question'], r['b'], r['a']))
     if r['label'] == REJECT and swapped is not None:
-      # P(worse better than better) from both orders; the evaluator is right when it is < 0.5.
-      score = 0.5 * (p + (1.0 - swapped))
-      hits.setdefault(r.get('kind', 'all'), []).append(bool(score < 0.5))
-  every = [h for v in hits.values() for h in v]
-  metrics['val_pairs'] = len(every)
-  metrics['val_pair_accuracy'] = float(np.mean(every)) if every else float('nan')
-  for kind, v in sorted(hits.items()):
-    metrics[f'val_pair_accuracy/{kind}'] = float(np.mean(v))
+      kinds.append(r.get('kind', 'all'))
+      worse_better.append(0.5 * (p + (1.0 - swapped)))
+  # The better answer is the first side (a) of a REJECT row: right when the score is < 0.5.
+  hits = preference_hits(np.asarray(worse_better, np.float64), np.zeros(len(kinds), bool))
+  metrics['val_pairs'] = len(kinds)
+  metrics['val_pairs_identical'] = identical
+  metrics['val_pair_accuracy'] = float(hits.mean()) if kinds else float('nan')
+  for kind in sorted(set(kinds)):
+    metrics[f'val_pair_accuracy/{kind}'] = float(hits[np.asarray(kinds) == kind].mean())
   return metrics
 
 

@@ -37,6 +37,7 @@ def comparison_dataset(
   seed: int = 0,
   val_frac: float = 0.1,
   ids: Sequence[str] | None = None,
+  keep_identical: bool = False,
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
   """Classification examples from graded checkpoint samples (comparisons.py has the rules).
 
@@ -48,6 +49,7 @@ def comparison_dataset(
     samples: samples[i][j] is checkpoint i's answer to question j (checkpoint order).
     correct: correct[i][j], whether that answer is correct.
     ids: optional question ids (default: the question's index).
+    keep_identical: keep pairs whose two sides are the same text (`pairs_dataset`).
 
   Returns:
     (DatasetDict with 'train' and 'validation' splits of rows {text, label, kind, weight,
@@ -74,7 +76,9 @@ def comparison_dataset(
     )
     for j in range(n)
   ]
-  return pairs_dataset(questions, pairs, ids=ids, seed=seed, val_frac=val_frac)
+  return pairs_dataset(
+    questions, pairs, ids=ids, seed=seed, val_frac=val_frac, keep_identical=keep_identical
+  )
 
 
 def pairs_dataset(
@@ -85,27 +89,38 @@ def pairs_dataset(
   seed: int = 0,
   val_frac: float = 0.1,
   kinds: Sequence[str] = comparisons.PAIR_KINDS,
+  keep_identical: bool = False,
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
   """The classification dataset and counts of `comparison_dataset` from pairs[j] of question j
-  (90/10 split over questions; every kind of `kinds` counted)."""
+  (90/10 split over questions; every kind of `kinds` counted).
+
+  Pairs whose two sides are the same text (`comparisons.is_identical`) are dropped after they are
+  drawn (so the draws, and every other pair, are the same either way) and counted per split as
+  `identical_dropped`; `keep_identical` keeps them, as the released code does.
+  """
   n = len(questions)
   splits, counts = {}, {}
   for name, idx in zip(('train', 'validation'), comparisons.train_val_split(n, val_frac, seed)):
     rows = []
+    drawn = [p for j in idx for p in pairs[j]]
+    keep = {
+      j: [p for p in pairs[j] if keep_identical or not comparisons.is_identical(p)] for j in idx
+    }
     for j in idx:
-      for pair in pairs[j]:
+      for pair in keep[j]:
         exs = comparisons.pairs_to_examples(questions[j], [pair])
         sides = ((pair.better, pair.worse), (pair.worse, pair.better))
         for ex, (a, b) in zip(exs, sides):
           rows.append(
             dict(ex, weight=pair.weight, question_id=ids[j], question=questions[j], a=a, b=b)
           )
-    split_pairs = [p for j in idx for p in pairs[j]]
+    split_pairs = [p for j in idx for p in keep[j]]
     counts[name] = dict(
       comparisons.pair_kind_counts(split_pairs, kinds),
       pairs=len(split_pairs),
       examples=len(rows),
       questions=len(idx),
+      identical_dropped=len(drawn) - len(split_pairs),
     )
     features = datasets.Features(
       text=datasets.Value('string'),
@@ -238,6 +253,7 @@ def build_comparison_data(
   batch_size: int = 64,
   mesh: Mesh | None = None,
   progress: bool = True,
+  keep_identical: bool = False,
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
   """The evaluator's comparison data from the snapshots of a half-A fit (METHOD.md), resumable.
 
@@ -280,6 +296,7 @@ def build_comparison_data(
     seed=seed,
     val_frac=val_frac,
     ids=[ex.id for ex in examples],
+    keep_identical=keep_identical,
   )
   counts['checkpoints'] = dict(
     steps=[s for s, _ in checkpoints], accuracy=[float(np.mean(c)) for c in correct]

@@ -33,6 +33,8 @@ from ilr_jax.workdir import Stage
 # results, so a run may resume on a host of another shape.
 DATA_KEYS = ('seed', 'task')
 STUDENT_KEYS = ('student', 'sft')
+# Metrics of the comparing stages (<m>/r<k>/labels, <m>/r<k>/pairs) that older records lack.
+FEEDBACK_KEYS = ('feedback_accuracy', 'feedback_items')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,7 @@ def build(config) -> Graph:
         'pretrain',
         f'{role}.preset',
         f'{role}.pretrain_steps',
+        f'{role}.pretrain_comparison_frac',
         f'{role}.tokenizer',
       )
       g.add(f'pretrain/{role}', supervisor_stages.pretrain, role, keys=keys)
@@ -220,7 +223,7 @@ def _ilr_round(g: Graph, m, k: int, labels: str, base) -> str:
     'num_disagreed',
     'threshold',
   )
-  g.contribute(f'{r}/labels', m.name, k, *refine_keys)
+  g.contribute(f'{r}/labels', m.name, k, *refine_keys, optional=FEEDBACK_KEYS)
   g.contribute(f'{r}/model', m.name, k, 'test_accuracy')
   for h in halves:
     g.contribute(h, m.name, k)
@@ -242,7 +245,7 @@ def _dpo_round(g: Graph, m, k: int, policy: str) -> str:
     after=(policy,) + _scorer_after(m),
   )
   g.add(f'{r}/policy', dpo_stages.policy, m, k, policy, keys=('dpo',), after=(f'{r}/pairs',))
-  g.contribute(f'{r}/pairs', m.name, k, optional=('dpo_pairs', 'dpo_pair_accuracy'))
+  g.contribute(f'{r}/pairs', m.name, k, optional=('dpo_pairs', 'dpo_pair_accuracy') + FEEDBACK_KEYS)
   g.contribute(
     f'{r}/policy', m.name, k, 'test_accuracy', optional=('dpo_reward_margin', 'dpo_reward_accuracy')
   )

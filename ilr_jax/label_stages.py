@@ -9,6 +9,11 @@ How a round decides what to replace is the method's feedback source (methods.py,
 'evaluator' and 'judge' score the disagreeing proposals and ILR's alpha threshold cuts them;
 'oracle' and 'human' give verdicts, and a proposal the verdict prefers replaces its label; 'random'
 (naive) replaces a random alpha of all.
+
+Besides the label accuracy, a round reports its feedback accuracy: over the disagreeing items
+where exactly one of the current label and the proposal is correct, how often the feedback score
+s = P(proposal better than current label) prefers the correct one (a tie s == 0.5 is half a hit;
+feedback_metrics.feedback_accuracy). Naive ILR compares nothing: None over 0 items.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 import numpy as np
 
 from ilr_jax.context import Run
+from ilr_jax.feedback_metrics import feedback_accuracy
 from ilr_jax.labels import label_rows, load_label_set, save_label_set
 from ilr_jax.methods import Method
 from ilr_jax.workdir import is_writer, read_json, write_json
@@ -143,6 +149,10 @@ def refine_labels(run: Run, method: Method, k: int, prev: str) -> dict:
   )
   save_label_set(run.wd.path(stage, 'labels'), rows)
   prev_correct = np.asarray(d['correct'], bool)
+  # Over the disagreeing items only (agreeing ones, and every item of a naive round, are unscored).
+  fb_accuracy, fb_items = feedback_accuracy(
+    np.where(agree, math.nan, scores), prev_correct, np.asarray(proposal_correct, bool)
+  )
   return {
     'label_accuracy': float(np.mean(correct)) if n else math.nan,
     'num_labels': n,
@@ -152,4 +162,6 @@ def refine_labels(run: Run, method: Method, k: int, prev: str) -> dict:
     'threshold': decision.threshold,
     'replaced_wrong_to_right': int((rep & ~prev_correct & np.asarray(proposal_correct)).sum()),
     'replaced_right_to_wrong': int((rep & prev_correct & ~np.asarray(proposal_correct)).sum()),
+    'feedback_accuracy': fb_accuracy,
+    'feedback_items': fb_items,
   }

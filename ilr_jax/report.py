@@ -9,8 +9,21 @@ One result row per (seed, method, round), a flat JSON object:
   label_accuracy                 accuracy of the round's label set D_r (ILR-type methods; the weak
                                  labels D0 at round 0), None where there is no label set
   num_labels, num_replaced, num_agreed, num_disagreed, threshold   ILR / naive refinement counts
-  evaluator_accuracy             the evaluator's accuracy on its validation comparisons
-  dpo_pairs, dpo_pair_accuracy, dpo_reward_margin, dpo_reward_accuracy   SFT+DPO rounds
+  evaluator_accuracy             the evaluator's val_pair_accuracy: how often it ranks the better
+                                 side of a validation pair above the worse (both orders read); a
+                                 tie (score 0.5 exactly) is half a hit, pairs whose two sides are
+                                 the same text are left out
+  feedback_accuracy, feedback_items   the round's feedback on its own items, the number that
+                                 matters: over the items with exactly one correct side, how often
+                                 s = P(second better than first) prefers the correct one (a tie is
+                                 half a hit), and how many items that is. ILR family: the
+                                 disagreeing (current label, proposal) items; SFT+DPO: every
+                                 scored candidate pair, before the keep_frac cut. None where
+                                 nothing is compared (naive, oracle DPO) or in older records
+  dpo_pairs, dpo_reward_margin, dpo_reward_accuracy   SFT+DPO rounds
+  dpo_pair_accuracy              of the kept DPO pairs with exactly one correct side, how often the
+                                 chosen answer is the correct one (pairs whose two sides are
+                                 equally correct are left out)
   wall_s                         {stage name: seconds} of the stages that made this row
 
 `aggregate` turns rows of several seeds into mean and standard deviation per (method, round).
@@ -19,6 +32,7 @@ One result row per (seed, method, round), a flat JSON object:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +53,7 @@ TABLE_COLUMNS = (
   ('num_replaced', 'replaced'),
   ('num_agreed', 'agreed'),
   ('evaluator_accuracy', 'evaluator acc'),
+  ('feedback_accuracy', 'feedback acc'),
   ('dpo_pairs', 'DPO pairs'),
   ('dpo_pair_accuracy', 'DPO pair acc'),
   ('dpo_reward_margin', 'DPO margin'),
@@ -137,6 +152,130 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+# -- the paper's claims over seeds -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """A claim as a paired difference per seed: `a` minus `b`, each (method, round, field) with round
+  -1 the method's last round; `expect` '>' (a is above b) or '<' (a is below b)."""
+
+  name: str
+  a: tuple[str, int, str]
+  b: tuple[str, int, str]
+  expect: str
+
+
+LAST = -1
+CLAIMS = (
+  Claim(
+    '1. SFT beats the labels it was trained on',
+    ('sft', 0, 'test_accuracy'),
+    ('supervisor', 0, 'label_accuracy'),
+    '>',
+  ),
+  Claim(
+    '2. SFT+DPO does not improve on SFT',
+    ('dpo', LAST, 'test_accuracy'),
+    ('sft', 0, 'test_accuracy'),
+    '<',
+  ),
+  Claim(
+    '3a. SFT+ILR improves on SFT', ('ilr', LAST, 'test_accuracy'), ('sft', 0, 'test_accuracy'), '>'
+  ),
+  Claim(
+    '3b. SFT+ILR ends above SFT+DPO',
+    ('ilr', LAST, 'test_accuracy'),
+    ('dpo', LAST, 'test_accuracy'),
+    '>',
+  ),
+  Claim(
+    '4. naive ILR degrades', ('naive', LAST, 'test_accuracy'), ('sft', 0, 'test_accuracy'), '<'
+  ),
+  Claim(
+    'control: SFT+DPO with oracle pairs improves on SFT',
+    ('oradpo', LAST, 'test_accuracy'),
+    ('sft', 0, 'test_accuracy'),
+    '>',
+  ),
+  Claim(
+    'control: SFT+ILR with oracle comparisons improves on SFT',
+    ('orailr', LAST, 'test_accuracy'),
+    ('sft', 0, 'test_accuracy'),
+    '>',
+  ),
+)
+
+
+def _value(rows, seed, method: str, rnd: int, field: str) -> float | None:
+  mine = [r for r in rows if r.get('seed', 0) == seed and r['method'] == method]
+  if not mine:
+    return None
+  rnd = max(int(r['round']) for r in mine) if rnd == LAST else rnd
+  got = [r.get(field) for r in mine if int(r['round']) == rnd]
+  return None if not got or got[0] is None else float(got[0])
+
+
+def claim_results(rows: Sequence[Mapping[str, Any]], claims=CLAIMS) -> list[dict[str, Any]]:
+  """Per claim: the paired difference a - b of every seed that has both, their mean, a 95%
+  t-interval over seeds (Student's t, n - 1 degrees of freedom; none for one seed) and a verdict:
+  'holds' when the interval lies on the expected side of 0, 'does not hold' when it lies on the
+  other side, 'not separable here' when it contains 0 (or there are fewer than 2 seeds). A claim
+  whose methods are not in the rows is left out."""
+  from scipy import stats
+
+  seeds = sorted({r.get('seed', 0) for r in rows})
+  out = []
+  for c in claims:
+    diffs = {}
+    for seed in seeds:
+      a, b = _value(rows, seed, *c.a), _value(rows, seed, *c.b)
+      if a is not None and b is not None and not (math.isnan(a) or math.isnan(b)):
+        diffs[seed] = a - b
+    if not diffs:
+      continue
+    d = np.array(list(diffs.values()))
+    mean, n = float(d.mean()), d.size
+    lo = hi = math.nan
+    if n > 1:
+      half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
+      lo, hi = mean - half, mean + half
+    above, below = lo > 0, hi < 0  # False for NaN bounds
+    if not (above or below):
+      verdict = 'not separable here'
+    elif above == (c.expect == '>'):
+      verdict = 'holds'
+    else:
+      verdict = 'does not hold'
+    out.append(dict(claim=c.name, mean=mean, lo=lo, hi=hi, n=n, per_seed=diffs, verdict=verdict))
+  return out
+
+
+def _difference(c: Claim) -> str:
+  def side(m, rnd, field):
+    return f'{m} r{"last" if rnd == LAST else rnd} {field.replace("_accuracy", "")}'
+
+  return f'{side(*c.a)} - {side(*c.b)}'
+
+
+def format_claims(results: Sequence[Mapping[str, Any]], claims=CLAIMS) -> str:
+  """A markdown table of `claim_results`: the difference, its mean, 95% interval, per-seed values
+  and the verdict."""
+  by_name = {c.name: c for c in claims}
+  lines = [
+    '| claim | difference | mean | 95% interval | per seed | verdict |',
+    '|---|---|---:|---|---|---|',
+  ]
+  for r in results:
+    interval = '' if math.isnan(r['lo']) else f'[{r["lo"]:+.3f}, {r["hi"]:+.3f}]'
+    per_seed = ', '.join(f'{s}: {v:+.3f}' for s, v in r['per_seed'].items())
+    lines.append(
+      f'| {r["claim"]} | {_difference(by_name[r["claim"]])} | {r["mean"]:+.3f} | {interval} | '
+      f'{per_seed} | {r["verdict"]} |'
+    )
+  return '\n'.join(lines) + '\n'
+
+
 def _refines_labels(method: str) -> bool:
   """Whether a row's method has a label set per round (the ILR family)."""
   m = methods_lib.METHODS.get(method)
@@ -218,6 +357,14 @@ def write_report(
     parts.append(f'Mean ± standard deviation over seeds {seeds}.\n')
   parts += [table, '\n![accuracy per round](accuracy.png)\n']
   if len(seeds) > 1:
+    claims = claim_results(rows)
+    if claims:
+      parts += [
+        "\n## The paper's claims\n\n",
+        'Paired differences over seeds (test accuracy at round 0 or at the last round), the mean '
+        "with a 95% t-interval; a claim holds when the interval lies on the claim's side of 0.\n\n",
+        format_claims(claims),
+      ]
     parts += ['\n## Per seed\n\n', format_table(rows)]
   wdlib.write_text(out / 'report.md', ''.join(p if p.endswith('\n') else p + '\n' for p in parts))
   plot_accuracy(rows, out / 'accuracy.png', title=title)
@@ -240,7 +387,8 @@ def partial_results(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 def combine(
   workdirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, title: str, partial=False
 ) -> str:
-  """One report over several runs (e.g. seeds): their results.jsonl rows, mean ± std tables.
+  """One report over several runs (e.g. seeds): their results.jsonl rows, mean ± std tables and
+  the claims' paired differences. Returns the mean ± std table and the claims table (printed).
 
   With `partial`, a run without results.jsonl contributes the rounds it has finished so far.
   """
@@ -254,7 +402,9 @@ def combine(
     else:
       raise FileNotFoundError(f'{path} does not exist: has the run in {wd} finished?')
   pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  return write_report(out_dir, rows, title=title)
+  table = write_report(out_dir, rows, title=title)
+  claims = claim_results(rows)
+  return table + ('\n' + format_claims(claims) if claims else '')
 
 
 def _main(argv):

@@ -170,6 +170,7 @@ def stage_evaluator_data(run) -> dict:
     seed=seed,
     val_frac=et.val_frac,
     kinds=PAIR_KINDS,
+    keep_identical=et.keep_identical_pairs,
   )
   counts['pairs'] = pair_counts
   if is_writer():

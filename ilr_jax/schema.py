@@ -70,6 +70,9 @@ def _model(preset: str, init: str = 'hf') -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'
   m.remat = 'none'
   m.pretrain_steps = 0  # init='pretrain' only
+  # init='pretrain' only: the fraction of the role's corpus in the evaluator's comparison template
+  # (arith.make_corpus); the evaluator shares the supervisor's base, hence its corpus.
+  m.pretrain_comparison_frac = 0.0
   return m
 
 
@@ -88,6 +91,10 @@ def _check_model(config, role: str) -> None:
       f'{flag}.pretrain_steps must be > 0 with init=pretrain',
     )
     _check_pretrain(config)
+    _need(
+      0.0 <= m.pretrain_comparison_frac <= 1.0,
+      f'{flag}.pretrain_comparison_frac must be in [0, 1], got {m.pretrain_comparison_frac}',
+    )
     if role == 'evaluator':
       _need(
         m.preset == config.supervisor.preset and config.supervisor.init == 'pretrain',
@@ -188,6 +195,9 @@ def base_config(method: str, task: str) -> ml_collections.ConfigDict:
   c.evaluator_train.num_checkpoints = 10  # checkpoints of the half-A model that sample answers
   c.evaluator_train.too_long = 'truncate'
   c.evaluator_train.swap_second_order = True  # False: the released DPO code's bug (ablation)
+  # True keeps pairs whose two sides are the same text (the released code): identical inputs
+  # with opposite labels, which teach nothing (METHOD.md); ilr_jax drops them.
+  c.evaluator_train.keep_identical_pairs = False
 
   c.ilr = ml_collections.ConfigDict()
   c.ilr.alpha = 0.15
@@ -328,6 +338,10 @@ def _check_evaluator_train(config) -> None:
   _need(0.0 <= et.val_frac < 1.0, '--config.evaluator_train.val_frac must be in [0, 1)')
   too_long = ('error', 'truncate')  # evaluator.TOO_LONG (not imported: it pulls in jax)
   _need(et.too_long in too_long, f'--config.evaluator_train.too_long must be one of {too_long}')
+  _need(
+    isinstance(et.keep_identical_pairs, bool),
+    '--config.evaluator_train.keep_identical_pairs must be True or False',
+  )
 
 
 def _check_ilr(config) -> None:

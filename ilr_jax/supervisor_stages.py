@@ -20,19 +20,28 @@ from ilr_jax.labels import label_rows, save_label_set
 from ilr_jax.tokens import encode_with_bos
 
 
-def pretrain_corpus(config, task, test) -> list[str]:
-  """arith: the pretraining documents of a run. No test question is among them, so test accuracy
-  measures what a base learned, not what it memorised."""
+def pretrain_corpus(config, task, role: str = 'student') -> list[str]:
+  """arith: the pretraining documents of a run. No question of the task's train split (either
+  half) or test split is among them, with or without its solution, and no multi-step solution's
+  computation either (`arith.exclusions`): the bases learn to compute, never a train or test
+  answer, so the supervisor knows only half A's ground truth, the student only its labels, and
+  test accuracy measures what a model learned, not what it memorised. The whole splits are
+  excluded, whatever task.train_limit / test_limit a run sets. A role's
+  `pretrain_comparison_frac` mixes in documents in the evaluator's comparison template
+  (`arith.make_corpus`), on problems under the same exclusions."""
   from ilr_jax import arith
 
   p = config.pretrain
+  questions, chains = arith.exclusions(task.problems())
   return arith.make_corpus(
     f'{config.seed}',
     p.corpus_size,
     task.config,
     p.solved_frac,
     p.chat_frac,
-    exclude=frozenset(ex.question for ex in test),
+    exclude=questions,
+    exclude_chains=chains,
+    comparison_frac=config[role].pretrain_comparison_frac,
   )
 
 
@@ -49,7 +58,7 @@ def pretrain(run: Run, role: str) -> dict:
   cfg = presets.get_preset(m.preset, vocab_size=tok.vocab_size, dtype=m.dtype, remat=m.remat)
   seed = run.seed(stage)
   model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)), run.mesh)
-  corpus = pretrain_corpus(c, run.task, run.test)
+  corpus = pretrain_corpus(c, run.task, role)
   num_bos = int(tok.bos_id is not None)
   examples = []
   for doc in corpus:
@@ -142,6 +151,7 @@ def evaluator_data(run: Run) -> dict:
     val_frac=et.val_frac,
     batch_size=run.config.sampling.batch_size,
     mesh=run.mesh,
+    keep_identical=et.keep_identical_pairs,
   )
   return {'counts': counts, 'checkpoint_accuracy': counts['checkpoints']['accuracy']}
 

@@ -384,6 +384,15 @@ class Arith(FinalAnswerTask):
       raise KeyError(f"arith: no split {split!r} (has ['train', 'test'])")
     return [{'question': p.question, 'answer': p.answer} for p in problems]
 
+  def problems(self) -> list[arith.Problem]:
+    """Every problem of both splits, whatever limit a run loads (the pretraining corpus must hold
+    none of them: supervisor_stages.pretrain_corpus)."""
+    return [
+      arith.Problem(r['question'], r['answer'], 0)
+      for split in ('train', 'test')
+      for r in self._source_rows(split)
+    ]
+
 
 # --- BIRD ---
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import sentencepiece as spm
 
-from ilr_jax import arith
+from ilr_jax import arith, comparisons
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPM_MODEL = REPO / 'data' / 'arith' / 'spm.model'
@@ -166,6 +166,71 @@ def test_corpus_chat_format_and_exclusion():
   assert {d.split('\n')[0] for d in plain} & test  # the check above could fail
   with pytest.raises(ValueError, match='chat_frac'):
     arith.make_corpus(3, 10, solved_frac=1.0, chat_frac=-0.1)
+
+
+def test_exclusions_and_leak_check():
+  cfg = arith.ArithConfig(min_steps=1, max_steps=2, max_operand=9, max_value=30, style='expression')
+  problems = arith.generate('ex', 400, cfg)
+  questions, chains = arith.exclusions(problems)
+  assert len(questions) == 400
+  # One-step solutions are arithmetic facts, not excluded; every two-step one is.
+  assert len(chains) == sum(p.answer.count('\n') >= 2 for p in problems) > 100
+  p = next(p for p in problems if p.answer.count('\n') == 2)
+  chain = arith.solution_chain(p.answer)
+  assert len(chain) == 2 and chain in chains
+  # A question is found with or without its solution, in either format; a solution is found
+  # bare, with items, or inside a longer chain; an unrelated document is clean.
+  assert arith.leaked(f'{p.question}\n{p.answer}', questions, chains)
+  assert arith.leaked(f'USER:\n{p.question}\n\nASSISTANT:\n', questions, chains)
+  (x, op1, k1, y1), (_, op2, k2, y2) = chain
+  longer = (
+    f'1+{x - 1}={x}\n{x}{op1}{k1}={y1} pens.\n{y1}{op2}{k2}={y2} pens.\n{y2}+1={y2 + 1} pens.'
+  )
+  assert arith.leaked(longer, questions, chains) and arith.computations(longer)[0][1:3] == chain
+  assert not arith.leaked(f'{x}{op1}{k1}={y1}', questions, chains)  # a fact alone
+  # Facts on one line that happen to chain count as the computation.
+  assert arith.leaked(f'{x}{op1}{k1}={y1}, {y1}{op2}{k2}={y2}.', questions, chains)
+  # make_corpus with the exclusions: no leak, though the plain corpus has some.
+  kept = arith.make_corpus(5, 600, cfg, solved_frac=0.5, exclude=questions, exclude_chains=chains)
+  plain = arith.make_corpus(5, 600, cfg, solved_frac=0.5)
+  assert not any(arith.leaked(d, questions, chains) for d in kept)
+  assert sum(bool(arith.leaked(d, questions, chains)) for d in plain) > 10
+
+
+def test_comparison_documents():
+  cfg = arith.ArithConfig(
+    min_steps=1, max_steps=2, max_operand=9, max_value=30, ops='+-', style='expression'
+  )
+  questions, chains = arith.exclusions(arith.generate('ex', 300, cfg))
+  docs = arith.make_corpus(
+    6, 400, cfg, solved_frac=1.0, exclude=questions, exclude_chains=chains, comparison_frac=0.25
+  )
+  cmp = [d for d in docs if d.startswith('QUESTION:\n')]
+  assert 60 < len(cmp) < 140  # about a quarter
+  verdicts = set()
+  for d in cmp:
+    body, verdict = d.rsplit('\n', 1)
+    q = body.split('\n')[1]
+    a = body.split('ANSWER (A):\n')[1].split('\n\nANSWER (B)')[0]
+    b = body.split('ANSWER (B):\n')[1].split('\n\nYou gave')[0]
+    assert body == comparisons.comparison_prompt(q, a, b)
+    # One side is the problem's worked solution, the other a slip of one step carried through.
+    expr = q[len('What is ') : -1]
+    value = eval(expr)  # noqa: S307 - digits and + - only
+    right, wrong = (b, a) if verdict == 'Yes' else (a, b)
+    assert _value_of(right) == value != _value_of(wrong)
+    assert len(arith.solution_chain(wrong)) == len(arith.solution_chain(right))
+    verdicts.add(verdict)
+  assert verdicts == {'Yes', 'No'}
+  assert not any(arith.leaked(d, questions, chains) for d in docs)
+  # Without comparison documents the corpus is what it was.
+  assert [d for d in docs if d not in cmp][:5] != [] and arith.make_corpus(6, 50, cfg) == (
+    arith.make_corpus(6, 50, cfg, comparison_frac=0.0)
+  )
+  with pytest.raises(ValueError, match='comparison_frac'):
+    arith.make_corpus(6, 10, cfg, comparison_frac=2.0)
+  with pytest.raises(ValueError, match='expression'):
+    arith.make_corpus(6, 10, arith.ArithConfig(), comparison_frac=0.5)
 
 
 def _value_of(answer: str) -> int:

@@ -199,6 +199,50 @@ def test_comparison_ids_and_truncation():
   assert ids == [ab] and labels.tolist() == [1]
 
 
+class StubScorer:
+  """What validation_metrics reads of a scorer: P(accept) of each prompt from a table."""
+
+  def __init__(self, p_accept):
+    self.tok, self.max_len, self.too_long = CHARS, 1024, 'error'
+    self.p_accept = {comparisons.comparison_prompt(*k): v for k, v in p_accept.items()}
+    self.seen = []
+
+  def accept_probs(self, seqs):
+    texts = [CHARS.decode(s) for s in seqs]
+    self.seen += texts
+    return np.asarray([self.p_accept[t] for t in texts], np.float64)
+
+
+def test_validation_metrics_ties_and_identical_pairs():
+  """A right ordering is a hit, an exact tie half of one, identical pairs are left out."""
+  R, A = comparisons.REJECT, comparisons.ACCEPT
+  pairs = [  # (question, better, worse, kind, P(accept) of the REJECT row, of the ACCEPT row)
+    ('q1', 'good', 'bad', 'gt>wrong', 0.2, 0.9),  # score 0.15: right
+    ('q2', 'good', 'bad', 'correct>wrong', 0.75, 0.75),  # score 0.5 exactly: half
+    ('q3', 'good', 'bad', 'gt>correct', 0.9, 0.1),  # score 0.9: wrong
+    ('q4', 'same', 'same', 'gt>correct', 0.5, 0.5),  # identical prompts
+    ('q5', 'same', 'same ', 'gt>correct', 0.0, 0.0),  # the same text after strip()
+  ]
+  rows, table = [], {}
+  for q, better, worse, kind, p_reject_row, p_accept_row in pairs:
+    rows.append(dict(question=q, a=better, b=worse, label=R, kind=kind))
+    rows.append(dict(question=q, a=worse, b=better, label=A, kind=kind))
+    table[(q, better, worse)], table[(q, worse, better)] = p_reject_row, p_accept_row
+  scorer = StubScorer(table)
+  m = evaluator.validation_metrics(scorer, rows)
+  assert not any('same' in t for t in scorer.seen)  # identical pairs are not even scored
+  assert m['val_pairs'] == 3 and m['val_pairs_identical'] == 2 and m['val_examples'] == 6
+  assert m['val_pair_accuracy'] == pytest.approx((1 + 0.5 + 0) / 3)
+  assert m['val_pair_accuracy/gt>wrong'] == 1.0
+  assert m['val_pair_accuracy/correct>wrong'] == 0.5
+  assert m['val_pair_accuracy/gt>correct'] == 0.0
+  # Per row: q1 right twice, q2 once (P(accept) = 0.75 is wrong on its REJECT row), q3 never.
+  assert m['val_accuracy'] == pytest.approx(3 / 6)
+  only_identical = evaluator.validation_metrics(StubScorer(table), rows[6:])
+  assert only_identical['val_pairs'] == 0 and only_identical['val_pairs_identical'] == 2
+  assert np.isnan(only_identical['val_pair_accuracy']) and np.isnan(only_identical['val_accuracy'])
+
+
 def test_with_score_head_keeps_the_trunk(base):
   model = evaluator.with_score_head(base)
   assert model.cfg.num_labels == 2 and model.lm_head is None

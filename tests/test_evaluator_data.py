@@ -49,3 +49,28 @@ def test_comparison_dataset_split_and_counts(tmp_path):
   assert one['train'].column_names == data['train'].column_names and len(one['validation']) == 2
   with pytest.raises(ValueError, match='checkpoint 1 has'):
     evaluator_data.comparison_dataset(questions, refs, [samples[0], samples[1][:3]], correct[:2])
+
+
+def test_identical_pairs_are_dropped_unless_kept():
+  # Checkpoints that reproduce the ground truth make (GT > correct) pairs of one text twice:
+  # identical inputs with opposite labels. They are drawn as before, then dropped and counted.
+  n = 30
+  questions = [f'q{j}' for j in range(n)]
+  refs = [f'gt{j}' for j in range(n)]
+  samples = [[f'gt{j}' if j % 2 else f's{i}q{j}' for j in range(n)] for i in range(2)]
+  correct = [[j % 3 != 0 for j in range(n)] for _ in range(2)]
+  kept, kept_counts = evaluator_data.comparison_dataset(
+    questions, refs, samples, correct, seed=2, keep_identical=True
+  )
+  dropped, counts = evaluator_data.comparison_dataset(questions, refs, samples, correct, seed=2)
+  for split in ('train', 'validation'):
+    rows = dropped[split].to_list()
+    assert all(r['a'].strip() != r['b'].strip() for r in rows)
+    all_rows = kept[split].to_list()
+    same = [r for r in all_rows if r['a'] == r['b']]
+    assert counts[split]['identical_dropped'] == len(same) // 2
+    assert kept_counts[split]['identical_dropped'] == 0
+    # Every other pair is unchanged: the draws do not depend on the option.
+    assert rows == [r for r in all_rows if r['a'] != r['b']]
+    assert counts[split]['pairs'] == kept_counts[split]['pairs'] - len(same) // 2
+  assert counts['train']['identical_dropped'] > 0

@@ -18,8 +18,9 @@ def _config(arg):
 class FakeWorkdir:
   """Records of the finished stages: every metric a row could read, value = the stage's name."""
 
-  def __init__(self, finished):
+  def __init__(self, finished, missing=()):
     self.finished = set(finished)
+    self.missing = set(missing)
 
   def done(self, stage):
     return stage in self.finished
@@ -28,9 +29,11 @@ class FakeWorkdir:
     assert stage in self.finished, stage
     keys = (
       'test_accuracy label_accuracy num_labels num_replaced num_agreed num_disagreed threshold '
-      'evaluator_accuracy dpo_pairs dpo_pair_accuracy dpo_reward_margin dpo_reward_accuracy'
+      'evaluator_accuracy dpo_pairs dpo_pair_accuracy dpo_reward_margin dpo_reward_accuracy '
+      'feedback_accuracy feedback_items'
     ).split()
-    return {'name': stage, 'metrics': {k: stage for k in keys}, 'wall_s': 1.0}
+    metrics = {k: stage for k in keys if k not in self.missing}
+    return {'name': stage, 'metrics': metrics, 'wall_s': 1.0}
 
 
 def test_plan_has_every_stage_once_upstream_first():
@@ -65,6 +68,20 @@ def test_rows_read_the_stages_they_name():
   assert 'evaluator_accuracy' not in rows[('naive', 1)]
   dpo = rows[('dpo', 1)]
   assert dpo['dpo_pairs'] == 'dpo/r1/pairs' and dpo['dpo_reward_margin'] == 'dpo/r1/policy'
+  # Feedback accuracy comes from the comparing stage of the round.
+  assert ilr['feedback_accuracy'] == ilr['feedback_items'] == 'ilr/r1/labels'
+  assert rows[('naive', 1)]['feedback_accuracy'] == 'naive/r1/labels'
+  assert dpo['feedback_accuracy'] == dpo['feedback_items'] == 'dpo/r1/pairs'
+  assert 'feedback_accuracy' not in rows[('ilr', 0)]
+
+
+def test_rows_of_older_records_without_feedback_accuracy():
+  config = _config('compare,tiny,all')
+  stages = [s.name for s in graph.plan(config)]
+  old = FakeWorkdir(stages, missing=('feedback_accuracy', 'feedback_items'))
+  rows = {(r['method'], r['round']): r for r in graph.results(config, old)}
+  for key in (('ilr', 1), ('dpo', 1), ('oradpo', 1)):
+    assert rows[key]['feedback_accuracy'] is None and rows[key]['feedback_items'] is None
 
 
 def test_partial_results_leave_out_unfinished_rows():

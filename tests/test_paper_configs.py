@@ -13,8 +13,9 @@ tiny Gemma. GSM8K trains only on labels with `####` (METHOD.md), which a random 
 writes, and a random model's beam-search labels are blank once stripped, so the GSM8K and BIRD
 supervisors train more epochs on half A (120 steps) than SaferPaca's (which samples).
 
-The three runs share the session's compilation cache (conftest.py; equal shapes compile once) and take about 4 minutes
-on 2 idle cores; one xdist worker runs this whole file (setup.cfg: --dist loadfile).
+The three runs share the session's compilation cache (conftest.py; equal shapes compile once)
+and take about 4 minutes on 2 idle cores; one xdist worker runs this whole file (setup.cfg:
+--dist loadfile).
 """
 
 import json

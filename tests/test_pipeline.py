@@ -4,8 +4,8 @@ Runs of the tiny setting in subprocesses (2 fake devices each, so batches are sh
 uninterrupted, then one SIGKILLed at several stages (config `debug.kill_at`) and rerun until it
 finishes. The uninterrupted run compiles into the session's compilation cache first, so the later
 runs (and each relaunch of the killed one) are served most programs: the equality checks compare
-freshly compiled programs with served ones. Their results and label sets must be equal; the uninterrupted run's artifacts
-are checked against the method's rules.
+freshly compiled programs with served ones. Their results and label sets must be equal; the
+uninterrupted run's artifacts are checked against the method's rules.
 
 A third run uses the code of a pinned reference commit (exported with `git archive`): a change of
 structure must not change a result. It is compared on this machine rather than with stored numbers,
