@@ -66,12 +66,11 @@ def get_config(arg: str = 'compare'):
     model.pretrain_steps = steps
   # The supervisor's corpus, which the evaluator shares (Gemma-2B is both in the paper), also
   # holds judgements: a problem's solution and a slipped one in the evaluator's comparison
-  # template, then 'Yes' or 'No' (arith._comparison_doc; problems under the same exclusions). A
-  # base that never read the template learns nothing from half A's few hundred pairs (validation
-  # loss stays at ln 2: docs/RESULTS.md); with them its feedback is informative but unreliable.
-  # They cost the supervisor some accuracy (its corpus teaches wrong arithmetic too), as a weak
-  # model should be. The comparison documents are about 125 tokens, hence max_len.
-  config.supervisor.pretrain_comparison_frac = 0.05
+  # template, then 'Yes' or 'No' (arith._comparison_doc; problems under the same exclusions), of
+  # which pretraining learns only the verdict. A base that never read the template learns nothing
+  # from half A's few hundred pairs (validation loss stays at ln 2: docs/RESULTS.md); with them
+  # its feedback is informative but unreliable. The documents take up to 132 tokens: max_len.
+  config.supervisor.pretrain_comparison_frac = 0.1
   config.pretrain.corpus_size = 8000
   config.pretrain.solved_frac = 1.0
   config.pretrain.chat_frac = 0.5
@@ -121,7 +120,7 @@ def get_config(arg: str = 'compare'):
     config.supervisor.pretrain_steps = 10
     config.student.pretrain_steps = 10
     config.pretrain.corpus_size = 320
-    config.pretrain.max_len = 64  # comparison documents are cut to it
+    config.pretrain.max_len = 160  # a comparison document takes up to 132 tokens
     for train in (config.supervisor_sft, config.sft):
       train.epochs = 30
       train.lr = 5e-3

@@ -423,6 +423,16 @@ def _comparison_doc(
   return comparison_prompt(p.question, p.answer, wrong) + '\nNo'
 
 
+def split_judgement(doc: str) -> tuple[str, str] | None:
+  """(comparison prompt, verdict) of a comparison document (`_comparison_doc`), None for any
+  other document. Pretraining learns only the verdict of these (supervisor_stages.pretrain), so
+  the slipped solutions they show never teach wrong arithmetic."""
+  if not doc.startswith('QUESTION:\n'):
+    return None
+  prompt, _, verdict = doc.rpartition('\n')
+  return (prompt, verdict) if verdict in ('Yes', 'No') else None
+
+
 def make_corpus(
   seed: int | str,
   size: int,

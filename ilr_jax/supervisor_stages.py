@@ -45,8 +45,36 @@ def pretrain_corpus(config, task, role: str = 'student') -> list[str]:
   )
 
 
+def pretrain_examples(tok, corpus, max_len: int, stage: str = 'pretrain'):
+  """(ids, loss_mask) per document: BOS, the document, EOS; the loss on every token but BOS, or
+  on a comparison document's verdict and EOS only (arith.split_judgement). Other documents are
+  cut to max_len; a comparison document that does not fit is an error naming the flag."""
+  from ilr_jax import arith
+
+  num_bos = int(tok.bos_id is not None)
+  examples = []
+  for doc in corpus:
+    judged = arith.split_judgement(doc)
+    if judged is None:
+      ids = np.asarray((encode_with_bos(tok, doc) + [tok.eos_id])[:max_len], np.int32)
+      loss_mask = np.ones_like(ids)
+      loss_mask[:num_bos] = 0
+    else:
+      head, tail = encode_with_bos(tok, judged[0]), tok.encode(judged[1]) + [tok.eos_id]
+      if len(head) + len(tail) > max_len:
+        raise RuntimeError(
+          f'{stage}: a comparison document takes {len(head) + len(tail)} tokens, more than '
+          f'--config.pretrain.max_len={max_len}'
+        )
+      ids = np.asarray(head + tail, np.int32)
+      loss_mask = np.asarray([0] * len(head) + [1] * len(tail), np.int32)
+    examples.append((ids, loss_mask))
+  return examples
+
+
 def pretrain(run: Run, role: str) -> dict:
-  """arith: a tiny base from its preset, trained as an LM on the arith corpus (all tokens)."""
+  """arith: a tiny base from its preset, trained as an LM on the arith corpus: every token of a
+  document but BOS, and of a comparison document only its verdict (arith.split_judgement)."""
   from flax import nnx
 
   from ilr_jax import presets, sharding, train
@@ -59,13 +87,7 @@ def pretrain(run: Run, role: str) -> dict:
   seed = run.seed(stage)
   model = sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)), run.mesh)
   corpus = pretrain_corpus(c, run.task, role)
-  num_bos = int(tok.bos_id is not None)
-  examples = []
-  for doc in corpus:
-    ids = np.asarray((encode_with_bos(tok, doc) + [tok.eos_id])[: c.pretrain.max_len], np.int32)
-    loss_mask = np.ones_like(ids)
-    loss_mask[:num_bos] = 0
-    examples.append((ids, loss_mask))
+  examples = pretrain_examples(tok, corpus, c.pretrain.max_len, stage)
   config = train.TrainConfig(
     optimizer='adamw',
     lr=c.pretrain.lr,

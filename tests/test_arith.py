@@ -220,8 +220,10 @@ def test_comparison_documents():
     right, wrong = (b, a) if verdict == 'Yes' else (a, b)
     assert _value_of(right) == value != _value_of(wrong)
     assert len(arith.solution_chain(wrong)) == len(arith.solution_chain(right))
+    assert arith.split_judgement(d) == (body, verdict)  # pretraining learns only the verdict
     verdicts.add(verdict)
   assert verdicts == {'Yes', 'No'}
+  assert not any(arith.split_judgement(d) for d in docs if d not in cmp)
   assert not any(arith.leaked(d, questions, chains) for d in docs)
   # Without comparison documents the corpus is what it was.
   assert [d for d in docs if d not in cmp][:5] != [] and arith.make_corpus(6, 50, cfg) == (

@@ -103,6 +103,29 @@ def test_arith_pretraining_corpus_holds_no_train_or_test_problem(arg, seed):
   assert any(arith.leaked(d, questions, chains) for d in plain)
 
 
+def test_pretraining_learns_only_the_verdict_of_a_comparison_document():
+  from ilr_jax.tokens import Tokenizer
+
+  c = _get_config('arith', 'compare')
+  task = context.make_task(c.task.to_dict())
+  tok = Tokenizer.load(str(ROOT / c.supervisor.tokenizer))
+  corpus = supervisor_stages.pretrain_corpus(c, task, 'supervisor')[:400]
+  examples = supervisor_stages.pretrain_examples(tok, corpus, c.pretrain.max_len)
+  judged = [(d, ex) for d, ex in zip(corpus, examples) if arith.split_judgement(d)]
+  assert judged and len(judged) < len(corpus)  # the supervisor's corpus holds about 5% of them
+  for d, (ids, mask) in judged:
+    verdict = tok.encode(d.rsplit('\n', 1)[1]) + [tok.eos_id]
+    assert mask.sum() == len(verdict) and list(ids[mask == 1]) == verdict
+    assert list(mask[-len(verdict) :]) == [1] * len(verdict)
+  for d, (_, mask) in zip(corpus, examples):
+    if not arith.split_judgement(d):
+      assert mask[0] == 0 and mask[1:].all()  # every token but BOS
+  # The student's corpus holds none; a comparison document that does not fit is an error.
+  assert not any(map(arith.split_judgement, supervisor_stages.pretrain_corpus(c, task, 'student')))
+  with pytest.raises(RuntimeError, match='pretrain.max_len=64'):
+    supervisor_stages.pretrain_examples(tok, [judged[0][0]], 64)
+
+
 def test_validate_one_line_errors(tmp_path):
   c = _get_config('arith', 'compare,tiny')
   schema.validate(c, num_devices=8)  # the shipped tiny config is valid on the test mesh
