@@ -354,6 +354,17 @@ def _facts_doc(draw: _Draw, cfg: ArithConfig, chains: frozenset[Chain] = frozens
       return text
 
 
+def _allowed_problem(
+  draw: _Draw, cfg: ArithConfig, exclude: frozenset[str], chains: frozenset[Chain]
+) -> Problem:
+  """A problem whose question is not in `exclude` and whose solution is not in `chains`, redrawn
+  until it is (the knobs allow more problems than any exclusion holds)."""
+  p = make_problem(draw, cfg)
+  while p.question in exclude or (chains and contains_chain(solution_chain(p.answer), chains)):
+    p = make_problem(draw, cfg)
+  return p
+
+
 def _solved_doc(
   draw: _Draw,
   cfg: ArithConfig,
@@ -375,10 +386,7 @@ def _solved_doc(
   mix: a tiny base that never saw the template loses its computation when SFT moves it into the
   template, since 200 examples cannot re-teach it to copy the numbers in a new context.
   """
-  p = make_problem(draw, cfg)
-  # The knobs allow more problems than any exclusion holds.
-  while p.question in exclude or (chains and contains_chain(solution_chain(p.answer), chains)):
-    p = make_problem(draw, cfg)
+  p = _allowed_problem(draw, cfg, exclude, chains)
   if chat_frac and draw.chance(chat_frac):
     return prompt_text(p.question) + p.answer
   return f'{p.question}\n{p.answer}'
@@ -414,9 +422,7 @@ def _comparison_doc(
   Expression-style problems only (their solutions hold nothing but the computation)."""
   from ilr_jax.comparisons import comparison_prompt
 
-  p = make_problem(draw, cfg)
-  while p.question in exclude or (chains and contains_chain(solution_chain(p.answer), chains)):
-    p = make_problem(draw, cfg)
+  p = _allowed_problem(draw, cfg, exclude, chains)
   wrong = _slip(draw, p)
   if draw.chance(0.5):
     return comparison_prompt(p.question, wrong, p.answer) + '\nYes'

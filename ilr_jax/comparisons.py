@@ -159,11 +159,11 @@ def train_val_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[np.nd
   return refine.permutation_split(n, num_train, seed)
 
 
-def is_identical(pair: Pair) -> bool:
+def same_text(a: str, b: str) -> bool:
   """Whether a pair's two sides are the same text (up to surrounding whitespace): a checkpoint
   reproducing the ground truth, or two equal samples. Its two examples are one input with opposite
   labels, which teach nothing, and no metric can score it (METHOD.md)."""
-  return pair.better.strip() == pair.worse.strip()
+  return a.strip() == b.strip()
 
 
 def pair_kind_counts(

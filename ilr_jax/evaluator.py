@@ -54,7 +54,7 @@ from jax.sharding import Mesh
 from ilr_jax import fit, train
 from ilr_jax import sharding as shd
 from ilr_jax import workdir as wd
-from ilr_jax.comparisons import ACCEPT, REJECT, comparison_prompt
+from ilr_jax.comparisons import ACCEPT, REJECT, comparison_prompt, same_text
 from ilr_jax.feedback_metrics import preference_hits
 from ilr_jax.model import Decoder
 from ilr_jax.tokens import Tokenizer, encode_with_bos, pad_batch
@@ -364,11 +364,6 @@ class EvaluatorScorer:
 # -- training --------------------------------------------------------------------------------
 
 
-def _same_text(row: Mapping[str, Any]) -> bool:
-  """Whether a row's two answers are the same text (`comparisons.is_identical` on its pair)."""
-  return row['a'].strip() == row['b'].strip()
-
-
 def validation_metrics(scorer: EvaluatorScorer, rows: Sequence[Mapping[str, Any]]) -> dict:
   """Accuracy of the evaluator on classification rows {question, a, b, label, kind}.
 
@@ -387,7 +382,7 @@ def validation_metrics(scorer: EvaluatorScorer, rows: Sequence[Mapping[str, Any]
       `val_pair_accuracy/<kind>`.
   """
   rows = list(rows)
-  distinct = [r for r in rows if not _same_text(r)]
+  distinct = [r for r in rows if not same_text(r['a'], r['b'])]
   p_accept = np.zeros(0, np.float64)
   if distinct:
     ids, _ = encode_examples(scorer.tok, distinct, scorer.max_len, scorer.too_long)
@@ -403,7 +398,9 @@ def validation_metrics(scorer: EvaluatorScorer, rows: Sequence[Mapping[str, Any]
   }
   accept_rows = {(r['question'], r['a'], r['b']) for r in rows if r['label'] == ACCEPT}
   identical = sum(
-    r['label'] == REJECT and _same_text(r) and (r['question'], r['b'], r['a']) in accept_rows
+    r['label'] == REJECT
+    and same_text(r['a'], r['b'])
+    and (r['question'], r['b'], r['a']) in accept_rows
     for r in rows
   )
   kinds, worse_better = [], []  # per pair: its kind, P(worse better than better) in both orders

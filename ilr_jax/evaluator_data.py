@@ -94,7 +94,7 @@ def pairs_dataset(
   """The classification dataset and counts of `comparison_dataset` from pairs[j] of question j
   (90/10 split over questions; every kind of `kinds` counted).
 
-  Pairs whose two sides are the same text (`comparisons.is_identical`) are dropped after they are
+  Pairs whose two sides are the same text (`comparisons.same_text`) are dropped after they are
   drawn (so the draws, and every other pair, are the same either way) and counted per split as
   `identical_dropped`; `keep_identical` keeps them, as the released code does.
   """
@@ -102,9 +102,9 @@ def pairs_dataset(
   splits, counts = {}, {}
   for name, idx in zip(('train', 'validation'), comparisons.train_val_split(n, val_frac, seed)):
     rows = []
-    drawn = [p for j in idx for p in pairs[j]]
     keep = {
-      j: [p for p in pairs[j] if keep_identical or not comparisons.is_identical(p)] for j in idx
+      j: [p for p in pairs[j] if keep_identical or not comparisons.same_text(p.better, p.worse)]
+      for j in idx
     }
     for j in idx:
       for pair in keep[j]:
@@ -120,7 +120,7 @@ def pairs_dataset(
       pairs=len(split_pairs),
       examples=len(rows),
       questions=len(idx),
-      identical_dropped=len(drawn) - len(split_pairs),
+      identical_dropped=sum(len(pairs[j]) for j in idx) - len(split_pairs),
     )
     features = datasets.Features(
       text=datasets.Value('string'),

@@ -149,9 +149,10 @@ def refine_labels(run: Run, method: Method, k: int, prev: str) -> dict:
   )
   save_label_set(run.wd.path(stage, 'labels'), rows)
   prev_correct = np.asarray(d['correct'], bool)
-  # Over the disagreeing items only (agreeing ones, and every item of a naive round, are unscored).
+  # Scores are NaN where no feedback was asked (agreeing items, every item of a naive round), so
+  # this counts the disagreeing items only.
   fb_accuracy, fb_items = feedback_accuracy(
-    np.where(agree, math.nan, scores), prev_correct, np.asarray(proposal_correct, bool)
+    scores, prev_correct, np.asarray(proposal_correct, bool)
   )
   return {
     'label_accuracy': float(np.mean(correct)) if n else math.nan,

@@ -167,43 +167,21 @@ class Claim:
 
 
 LAST = -1
+
+
+def _test(method: str, rnd: int = LAST) -> tuple[str, int, str]:
+  return (method, rnd, 'test_accuracy')
+
+
+SFT = _test('sft', 0)
 CLAIMS = (
-  Claim(
-    '1. SFT beats the labels it was trained on',
-    ('sft', 0, 'test_accuracy'),
-    ('supervisor', 0, 'label_accuracy'),
-    '>',
-  ),
-  Claim(
-    '2. SFT+DPO does not improve on SFT',
-    ('dpo', LAST, 'test_accuracy'),
-    ('sft', 0, 'test_accuracy'),
-    '<',
-  ),
-  Claim(
-    '3a. SFT+ILR improves on SFT', ('ilr', LAST, 'test_accuracy'), ('sft', 0, 'test_accuracy'), '>'
-  ),
-  Claim(
-    '3b. SFT+ILR ends above SFT+DPO',
-    ('ilr', LAST, 'test_accuracy'),
-    ('dpo', LAST, 'test_accuracy'),
-    '>',
-  ),
-  Claim(
-    '4. naive ILR degrades', ('naive', LAST, 'test_accuracy'), ('sft', 0, 'test_accuracy'), '<'
-  ),
-  Claim(
-    'control: SFT+DPO with oracle pairs improves on SFT',
-    ('oradpo', LAST, 'test_accuracy'),
-    ('sft', 0, 'test_accuracy'),
-    '>',
-  ),
-  Claim(
-    'control: SFT+ILR with oracle comparisons improves on SFT',
-    ('orailr', LAST, 'test_accuracy'),
-    ('sft', 0, 'test_accuracy'),
-    '>',
-  ),
+  Claim('1. SFT beats the labels it was trained on', SFT, ('supervisor', 0, 'label_accuracy'), '>'),
+  Claim('2. SFT+DPO does not improve on SFT', _test('dpo'), SFT, '<'),
+  Claim('3a. SFT+ILR improves on SFT', _test('ilr'), SFT, '>'),
+  Claim('3b. SFT+ILR ends above SFT+DPO', _test('ilr'), _test('dpo'), '>'),
+  Claim('4. naive ILR degrades', _test('naive'), SFT, '<'),
+  Claim('control: SFT+DPO with oracle pairs improves on SFT', _test('oradpo'), SFT, '>'),
+  Claim('control: SFT+ILR with oracle comparisons improves on SFT', _test('orailr'), SFT, '>'),
 )
 
 

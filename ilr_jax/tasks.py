@@ -373,25 +373,26 @@ class Arith(FinalAnswerTask):
     self.seed, self.num_train, self.num_test = seed, num_train, num_test
     self.config = arith.ArithConfig(**knobs)
 
-  def _source_rows(self, split):
+  def _splits(self, test: bool) -> tuple[list[arith.Problem], list[arith.Problem]]:
+    """(train, test) problems; the test split (drawn only if asked) repeats no train question."""
     train = arith.generate(f'{self.seed}/train', self.num_train, self.config)
-    if split == 'train':
-      problems = train
-    elif split == 'test':
-      exclude = frozenset(p.question for p in train)
-      problems = arith.generate(f'{self.seed}/test', self.num_test, self.config, exclude=exclude)
-    else:
+    if not test:
+      return train, []
+    exclude = frozenset(p.question for p in train)
+    return train, arith.generate(f'{self.seed}/test', self.num_test, self.config, exclude=exclude)
+
+  def _source_rows(self, split):
+    if split not in ('train', 'test'):
       raise KeyError(f"arith: no split {split!r} (has ['train', 'test'])")
+    train, test = self._splits(test=split == 'test')
+    problems = train if split == 'train' else test
     return [{'question': p.question, 'answer': p.answer} for p in problems]
 
   def problems(self) -> list[arith.Problem]:
     """Every problem of both splits, whatever limit a run loads (the pretraining corpus must hold
     none of them: supervisor_stages.pretrain_corpus)."""
-    return [
-      arith.Problem(r['question'], r['answer'], 0)
-      for split in ('train', 'test')
-      for r in self._source_rows(split)
-    ]
+    train, test = self._splits(test=True)
+    return train + test
 
 
 # --- BIRD ---
