@@ -2,6 +2,9 @@
 
   'einsum'  two einsums over [B, K, G, T, S] float32 scores (the reference; the sampler's decode
             steps always use it, in the kv-first cache layout, `attend_kv_first` in model.py).
+            Where queries are the keys' own slots under a causal mask (a forward without a cache,
+            a prefill: `causal=True`), it runs in query blocks that skip the keys after each
+            block (`attend_causal_blocks`).
   'xla'     `jax.nn.dot_product_attention(implementation='xla')`: the same math written by JAX.
   'cudnn'   `jax.nn.dot_product_attention(implementation='cudnn')`: cuDNN's fused (flash)
             kernel, GPU only; the boolean mask is passed as an additive bias (cuDNN's sequence-
@@ -31,6 +34,12 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum')
 
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# Causal query blocks of the einsum path (attend_causal_blocks): rows per block, and at most this
+# many blocks (longer sequences get longer blocks). 32 rows ran fastest on a 2-core EPYC (2 MB L2
+# per core) at T = 128 and 192, forward and backward.
+QUERY_BLOCK = 32
+MAX_QUERY_BLOCKS = 8
 
 
 def resolve(implementation: str, dtype=jnp.bfloat16) -> str:
@@ -63,12 +72,48 @@ def attend_einsum(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) 
   return out.reshape(b, t, n, h)
 
 
+def query_blocks(t: int) -> list[tuple[int, int]]:
+  """[start, end) of the query blocks of `attend_causal_blocks` for T queries: blocks of
+  QUERY_BLOCK rows, or T / MAX_QUERY_BLOCKS rows when that is more (a bounded program size)."""
+  size = max(QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS))
+  return [(s, min(t, s + size)) for s in range(0, t, size)]
+
+
+def attend_causal_blocks(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Array:
+  """`attend_einsum` for queries that sit at key slots 0..T-1 of a mask that is causal by slot
+  (model.attention_mask without a cache): each block of queries reads only the keys up to its
+  last row, the only ones its mask can admit. About half the scores of a long sequence are never
+  computed, and each block's [B, K, G, Tq, S] scores stay small enough for the CPU's caches
+  (bench-small, B 16 x T 192: 32 ms -> 6 ms a layer forward). Equal to `attend_einsum` to float
+  rounding: the skipped keys have probability exactly 0 there."""
+  t, s = q_BTNH.shape[1], k_BSKH.shape[1]
+  if t != s or mask_BTS.shape[1:] != (t, s):
+    raise ValueError(f'causal blocks need T queries over T keys, got {t} and {s}')
+  outs = [
+    attend_einsum(q_BTNH[:, a:e], k_BSKH[:, :e], v_BSKH[:, :e], mask_BTS[:, a:e, :e])
+    for a, e in query_blocks(t)
+  ]
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 def attend(
-  q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, implementation: str = 'einsum'
+  q_BTNH: Array,
+  k_BSKH: Array,
+  v_BSKH: Array,
+  mask_BTS: Array,
+  implementation: str = 'einsum',
+  *,
+  causal: bool = False,
 ) -> Array:
-  """Attention of q over (k, v) under `mask_BTS` with the chosen implementation (module doc)."""
+  """Attention of q over (k, v) under `mask_BTS` with the chosen implementation (module doc).
+
+  `causal`: query i sits at key slot i and the mask is causal by slot (T = S); 'einsum' then runs
+  in query blocks that skip the keys no query of the block can see (`attend_causal_blocks`). The
+  other implementations read causality from the mask."""
   impl = resolve(implementation, v_BSKH.dtype)
   if impl == 'einsum':
+    if causal:
+      return attend_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     return attend_einsum(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
   # Both JAX implementations want q, k, v in one dtype; the mask broadcasts over the N heads.
   dtype = v_BSKH.dtype

@@ -195,12 +195,18 @@ class Linear(nnx.Module):
     self.lora_scale = cfg.lora_scale
 
   def __call__(self, x: Array) -> Array:
-    x = x.astype(self.dtype)
-    y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=self.num_in)
+    # One 2-D matmul [rows, in] x [in, out]: with the leading axes and the head axes merged (free
+    # reshapes) the weight gradient contracts over one axis, which XLA:CPU runs as a plain matmul;
+    # a tensordot over [B, T, ...] made it transpose the activations in the backward pass.
+    kernel = self.kernel[...]
+    lead, out_shape = x.shape[: x.ndim - self.num_in], kernel.shape[self.num_in :]
+    x2 = x.astype(self.dtype).reshape(math.prod(lead), -1)
+    y = x2 @ kernel.astype(self.dtype).reshape(x2.shape[1], -1)
     if self.lora_a is not None:
-      h = jnp.tensordot(x, self.lora_a[...].astype(self.dtype), axes=self.num_in)
-      y = y + self.lora_scale * jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
-    return y
+      h = x2 @ self.lora_a[...].astype(self.dtype).reshape(x2.shape[1], -1)
+      b = self.lora_b[...].astype(self.dtype).reshape(h.shape[1], -1)
+      y = y + self.lora_scale * (h @ b)
+    return y.reshape(lead + out_shape)
 
 
 class RMSNorm(nnx.Module):
@@ -268,15 +274,11 @@ def attention_mask(
   return mask
 
 
-# The reference einsum attention; the decode paths (cache, prefill) always use it.
-attend = attention_lib.attend_einsum
-
-
 def attend_kv_first(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array) -> Array:
-  """`attend` over a cache laid out keys [B, K, H, S], values [B, K, S, H]: both matmuls then batch
-  over (B, K) with each cache in the layout its matmul reads (keys as the [H, S] right-hand side of
-  q . k, values as the [S, H] one of p . v), so neither is transposed when decoding (with keys
-  [B, K, S, H] XLA:CPU repacks the whole key cache for every q . k)."""
+  """`attention.attend_einsum` over a cache laid out keys [B, K, H, S], values [B, K, S, H]: both
+  matmuls then batch over (B, K) with each cache in the layout its matmul reads (keys as the
+  [H, S] right-hand side of q . k, values as the [S, H] one of p . v), so neither is transposed
+  when decoding (with keys [B, K, S, H] XLA:CPU repacks the whole key cache for every q . k)."""
   b, t, n, h = q_BTNH.shape
   k, s = k_BKHS.shape[1], k_BKHS.shape[3]
   g = n // k
@@ -363,7 +365,10 @@ class Block(nnx.Module):
         q, x_BTD, mask_BTS = q[:, -1:], x_BTD[:, -1:], mask_BTS[:, -1:]
       if empty_cache:
         t = k.shape[1]
-        attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS[:, :, :t])
+        # The T new tokens sit at slots 0..T-1: query blocks skip the keys after each block.
+        attn = attention_lib.attend(
+          q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS[:, :, :t], causal=not last_only
+        )
       else:
         attn = attend_kv_first(q, k_c.astype(q.dtype), v_c.astype(q.dtype), mask_BTS)
     else:
@@ -371,7 +376,15 @@ class Block(nnx.Module):
         idx = lambda a: at_BP.reshape(at_BP.shape + (1,) * (a.ndim - 2))
         pick = lambda a: jnp.take_along_axis(a, idx(a), axis=1)
         q, x_BTD, mask_BTS = pick(q), pick(x_BTD), pick(mask_BTS)
-      attn = attention_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, self.attention)
+      # Without at_BP, query t is key slot t: the causal query blocks apply (attention.py).
+      attn = attention_lib.attend(
+        q,
+        k.astype(q.dtype),
+        v.astype(q.dtype),
+        mask_BTS,
+        self.attention,
+        causal=at_BP is None,
+      )
     x_BTD = x_BTD + self.o(attn)
     y = self.mlp_norm(x_BTD)
     gate = self.gate(y)

@@ -131,3 +131,57 @@ def test_score_runs_last_layer_at_last_token_only(name, scan):
 
   got, ref = both(model, ids, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+
+
+def test_query_blocks_cover_every_query_once():
+  for t in (1, 5, 31, 32, 33, 128, 192, 257, 2048):
+    blocks = attention.query_blocks(t)
+    assert blocks[0][0] == 0 and blocks[-1][1] == t
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert len(blocks) <= attention.MAX_QUERY_BLOCKS
+    size = max(attention.QUERY_BLOCK, -(-t // attention.MAX_QUERY_BLOCKS))
+    assert all(e - s == size for s, e in blocks[:-1])
+
+
+@pytest.mark.parametrize('t', [1, 7, 32, 45, 300])
+@pytest.mark.parametrize('k,window', [(2, None), (1, None), (2, 5)])
+def test_causal_blocks_match_einsum_values_and_gradients(t, k, window):
+  """Blocked causal attention (query blocks skipping later keys) against the one-block einsum:
+  GQA (N = 4, K = 2) and MQA, a sliding window, right- and left-padded rows, one block (t < 32),
+  several, a ragged last block, and more than MAX_QUERY_BLOCKS blocks of 32 (t = 300)."""
+  rng = np.random.RandomState(t)
+  n, h = 4, 8
+  ids, mask_BT = _batch('both', 2, t) if t >= 8 else (None, jnp.ones((4, t), jnp.int32))
+  b = mask_BT.shape[0]
+  q = jnp.asarray(rng.randn(b, t, n, h), jnp.float32)
+  kk = jnp.asarray(rng.randn(b, t, k, h), jnp.float32)
+  v = jnp.asarray(rng.randn(b, t, k, h), jnp.float32)
+  pos = positions_from_mask(mask_BT)
+  slots = jnp.arange(t)
+  mask = attention_mask(slots, slots, pos, pos, mask_BT.astype(bool), window)
+  valid = np.asarray(mask_BT, bool)
+  w = jnp.asarray(rng.randn(b, t, n, h), jnp.float32) * mask_BT[:, :, None, None]
+
+  def loss(fn, q, kk, v):
+    return jnp.sum(fn(q, kk, v, mask) * w)
+
+  ref_fn, got_fn = attention.attend_einsum, attention.attend_causal_blocks
+  ref, got = jax.jit(ref_fn)(q, kk, v, mask), jax.jit(got_fn)(q, kk, v, mask)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(ref)[valid], atol=2e-6)
+  assert np.isfinite(np.asarray(got)).all()
+  grads = [
+    jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(f, q, kk, v)
+    for f in (ref_fn, got_fn)
+  ]
+  for x, y in zip(*grads):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5)
+  # Through the switch: causal=True on 'einsum' is the blocked function.
+  switched = attention.attend(q, kk, v, mask, 'einsum', causal=True)
+  np.testing.assert_allclose(np.asarray(switched), np.asarray(got), atol=1e-6)
+
+
+def test_causal_blocks_refuse_queries_that_are_not_the_keys():
+  q = jnp.zeros((1, 3, 2, 4))
+  kv = jnp.zeros((1, 5, 1, 4))
+  with pytest.raises(ValueError, match='causal blocks need T queries over T keys'):
+    attention.attend(q, kv, kv, jnp.ones((1, 3, 5), bool), 'einsum', causal=True)

@@ -35,7 +35,9 @@ def test_fresh_adapter_keeps_base_outputs_and_is_sharded():
   assert spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
   want = fwd(base, tokens)
   assert model.cfg.lora_rank == 4 and model.cfg.lora_targets == lora.resolve_targets('all')
-  np.testing.assert_array_equal(fwd(model, tokens), want)
+  # Equal to float32 rounding, not bit for bit: XLA is free to compile x @ W beside the adapter's
+  # x @ A (same left operand) differently from x @ W alone.
+  np.testing.assert_allclose(fwd(model, tokens), want, rtol=1e-6, atol=1e-7)
   assert _num_trainable(model) == 2 * (
     4 * (32 + 32) + 2 * 4 * (32 + 16) + 4 * (32 + 32) + 3 * 4 * (32 + 64)
   )
