@@ -33,7 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = 'configs/arith.py:compare,tiny,all'
 KILLS = ('weak_labels', 'halves/weak_labels/m2:outputs', 'ilr/r1/labels', 'dpo/r1/pairs:outputs')
 ALPHA = 0.15
-REFERENCE_COMMIT = '64fbdc4'  # issue 16: the leak-free corpus, tiny bases pretrained 20 steps
+REFERENCE_COMMIT = 'b495729'  # issue 18: Linear as one 2-D matmul, causal query blocks (rounding)
 
 # One xdist worker runs every test of a file (setup.cfg: --dist loadfile), so the module fixture
 # is built once.
