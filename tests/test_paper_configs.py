@@ -95,8 +95,8 @@ def _gsm8k_rows():
     rows.append(
       dict(
         question=f'Tom has {c} apples and buys {a} bags of {b} apples. How many apples has he?',
-        answer=f'He buys {a}*{b}=<<{a}*{b}={a * b}>>{a * b} apples.\n'
-        f'He has {c}+{a * b}=<<{c}+{a * b}={c + a * b}>>{c + a * b} apples.\n#### {c + a * b}',
+        # Short enough to reach `####` within the run's 24 new tokens.
+        answer=f'{a}*{b}=<<{a}*{b}={a * b}>>{a * b}\n{c}+{a * b}={c + a * b}\n#### {c + a * b}',
       )
     )
   return rows[:32], rows[32:]
