@@ -147,11 +147,12 @@ def test_query_blocks_cover_every_query_once():
 @pytest.mark.parametrize('k,window', [(2, None), (1, None), (2, 5)])
 def test_causal_blocks_match_einsum_values_and_gradients(t, k, window):
   """Blocked causal attention (query blocks skipping later keys) against the one-block einsum:
-  GQA (N = 4, K = 2) and MQA, a sliding window, right- and left-padded rows, one block (t < 32),
-  several, a ragged last block, and more than MAX_QUERY_BLOCKS blocks of 32 (t = 300)."""
+  GQA (N = 4, K = 2) and MQA, a sliding window, right- and left-padded rows (t >= 8), one block
+  (t < 32), several, a ragged last block, and t = 300, which would take more than
+  MAX_QUERY_BLOCKS blocks of 32 rows and so gets longer ones."""
   rng = np.random.RandomState(t)
   n, h = 4, 8
-  ids, mask_BT = _batch('both', 2, t) if t >= 8 else (None, jnp.ones((4, t), jnp.int32))
+  _, mask_BT = _batch('both', 2, t) if t >= 8 else (None, jnp.ones((4, t), jnp.int32))
   b = mask_BT.shape[0]
   q = jnp.asarray(rng.randn(b, t, n, h), jnp.float32)
   kk = jnp.asarray(rng.randn(b, t, k, h), jnp.float32)
