@@ -153,8 +153,9 @@ class Linear(nnx.Module):
   """A dense map from trailing axes `in_shape` to `out_shape`, optionally with a LoRA adapter.
 
   The kernel has shape (L?,) + in_shape + out_shape, so attention projections keep their head
-  structure (D -> N x H) and need no reshapes. With `stack` set, every parameter carries a leading
-  L axis (the layer stack); the module is then only called on one layer's slice.
+  structure (D -> N x H); a call merges those axes (free reshapes) into one 2-D matmul. With
+  `stack` set, every parameter carries a leading L axis (the layer stack); the module is then
+  only called on one layer's slice.
   """
 
   def __init__(
